@@ -1,0 +1,329 @@
+//! Backends: what host memory backs a zone of guest RAM.
+//!
+//! | backend | host memory | fd (live update) | notes |
+//! |---|---|---|---|
+//! | `anon`  | `MAP_PRIVATE` anonymous | no  | cheapest; cannot be handed to another process |
+//! | `memfd` | `memfd_create`, `MAP_SHARED` | yes | the default |
+//! | `gmem`  | KVM guest_memfd (`MMAP` + `INIT_SHARED`), `MAP_SHARED` | bound to its VM | registered with `KVM_SET_USER_MEMORY_REGION2` |
+//! | `file`  | a file on tmpfs/hugetlbfs or a `/dev/daxX.Y` device, `MAP_SHARED` | yes | |
+//!
+//! The huge-page backends (`hugetlb`, `thp`) are added as new [`BackendKind`]s: each
+//! kind says its page size and placement alignment, and [`Backing::create`] is the
+//! one place that turns a kind into an fd and a mapping.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::mapping::Mapping;
+use crate::{PAGE_2M, PAGE_4K};
+
+/// guest_memfd flag: the fd can be mmapped (KVM_CAP_GUEST_MEMFD_FLAGS bit 0).
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// guest_memfd flag: memory starts shared (host-accessible) (bit 1).
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+
+/// The kinds of backing Mosaic knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Private anonymous memory.
+    Anon,
+    /// A memfd, mapped shared.
+    Memfd,
+    /// A KVM guest_memfd, mmappable and initially shared.
+    Gmem,
+    /// A file or DAX device given by path.
+    File,
+}
+
+impl BackendKind {
+    /// All kinds, in the order the docs list them.
+    pub const ALL: [BackendKind; 4] = [BackendKind::Anon, BackendKind::Memfd, BackendKind::Gmem, BackendKind::File];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Anon => "anon",
+            BackendKind::Memfd => "memfd",
+            BackendKind::Gmem => "gmem",
+            BackendKind::File => "file",
+        }
+    }
+
+    /// Whether the backing has an fd another process could map.
+    pub fn has_fd(self) -> bool {
+        !matches!(self, BackendKind::Anon)
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown backend name.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("unknown backend '{0}' (expected anon, memfd, gmem or file)")]
+pub struct UnknownBackend(pub String);
+
+impl FromStr for BackendKind {
+    type Err = UnknownBackend;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BackendKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| UnknownBackend(s.to_string()))
+    }
+}
+
+/// A backend as configured for one zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSpec {
+    /// The kind.
+    pub kind: BackendKind,
+    /// Path, for `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Populate all pages before the guest starts.
+    #[serde(default)]
+    pub prefault: bool,
+}
+
+impl BackendSpec {
+    /// A spec of `kind` with default options.
+    pub fn new(kind: BackendKind) -> Self {
+        BackendSpec { kind, path: None, prefault: false }
+    }
+
+    /// The page size the backing is made of.
+    pub fn page_size(&self) -> u64 {
+        PAGE_4K
+    }
+
+    /// Alignment of the zone's first GPA and of its host mapping: at least 2 MiB so
+    /// guest page tables can use 2 MiB entries, and never less than the page size.
+    pub fn placement_align(&self) -> u64 {
+        self.page_size().max(PAGE_2M)
+    }
+}
+
+/// Makes KVM guest_memfds; implemented by the VMM over its VM fd, so this crate
+/// needs no KVM handle.
+pub trait GmemFactory {
+    /// `KVM_CREATE_GUEST_MEMFD` with `size` and `flags`.
+    fn create_guest_memfd(&self, size: u64, flags: u64) -> io::Result<OwnedFd>;
+}
+
+/// Errors from creating a backing.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    /// `memfd_create` or sizing it failed.
+    #[error("cannot create memfd of {size} bytes")]
+    Memfd {
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `file` without `path=`.
+    #[error("backend 'file' needs path=")]
+    MissingPath,
+    /// The file could not be opened or sized.
+    #[error("cannot use '{path}'")]
+    File {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The path is a directory or another unusable file type.
+    #[error("'{0}' is not a regular file or a character device")]
+    FileType(PathBuf),
+    /// `gmem` without a VM to create the guest_memfd on.
+    #[error("backend 'gmem' needs a VM to create guest_memfd on")]
+    NoGmemFactory,
+    /// `KVM_CREATE_GUEST_MEMFD` failed.
+    #[error("cannot create guest_memfd of {size} bytes")]
+    Gmem {
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `mmap` failed.
+    #[error("cannot map {size} bytes of {kind} memory")]
+    Map {
+        /// Backend.
+        kind: BackendKind,
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `MADV_POPULATE_WRITE` failed (out of memory, or the file is too short).
+    #[error("cannot prefault {size} bytes of {kind} memory")]
+    Prefault {
+        /// Backend.
+        kind: BackendKind,
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The host memory behind one zone: an fd (if the kind has one) and its mapping.
+#[derive(Debug)]
+pub struct Backing {
+    spec: BackendSpec,
+    // Declared before `fd`: unmapped before the fd is closed.
+    mapping: Mapping,
+    fd: Option<OwnedFd>,
+}
+
+impl Backing {
+    /// Creates the backing for a zone of `size` bytes.
+    pub fn create(spec: &BackendSpec, size: u64, gmem: Option<&dyn GmemFactory>) -> Result<Self, BackendError> {
+        let len = usize::try_from(size).map_err(|_| BackendError::Map {
+            kind: spec.kind,
+            size,
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+        let align = spec.placement_align() as usize;
+        let map_err = |source| BackendError::Map { kind: spec.kind, size, source };
+        let (fd, mapping) = match spec.kind {
+            BackendKind::Anon => (None, Mapping::anonymous(len, align).map_err(map_err)?),
+            BackendKind::Memfd => {
+                let fd = memfd(size).map_err(|source| BackendError::Memfd { size, source })?;
+                let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
+                (Some(fd), m)
+            }
+            BackendKind::Gmem => {
+                let factory = gmem.ok_or(BackendError::NoGmemFactory)?;
+                let fd = factory
+                    .create_guest_memfd(size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+                    .map_err(|source| BackendError::Gmem { size, source })?;
+                let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
+                (Some(fd), m)
+            }
+            BackendKind::File => {
+                let path = spec.path.as_ref().ok_or(BackendError::MissingPath)?;
+                let file = open_backing_file(path, size)?;
+                let fd = OwnedFd::from(file);
+                let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
+                (Some(fd), m)
+            }
+        };
+        if spec.prefault {
+            mapping
+                .populate_write()
+                .map_err(|source| BackendError::Prefault { kind: spec.kind, size, source })?;
+        }
+        Ok(Backing { spec: spec.clone(), mapping, fd })
+    }
+
+    /// The spec it was made from.
+    pub fn spec(&self) -> &BackendSpec {
+        &self.spec
+    }
+
+    /// The host mapping.
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// The backing fd, if the kind has one.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+}
+
+fn memfd(size: u64) -> io::Result<OwnedFd> {
+    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
+    let raw = unsafe { libc::memfd_create(c"mosaic-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    File::from(fd.try_clone()?).set_len(size)?;
+    Ok(fd)
+}
+
+/// Opens a `file` backing: a regular file is grown to `size` if shorter (never
+/// shrunk); a character device (DAX) is used as it is.
+fn open_backing_file(path: &std::path::Path, size: u64) -> Result<File, BackendError> {
+    let err = |source| BackendError::File { path: path.to_path_buf(), source };
+    let file = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    let ft = meta.file_type();
+    if ft.is_file() {
+        if meta.len() < size {
+            file.set_len(size).map_err(err)?;
+        }
+    } else if !ft.is_char_device() {
+        return Err(BackendError::FileType(path.to_path_buf()));
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for k in BackendKind::ALL {
+            assert_eq!(k.name().parse::<BackendKind>().unwrap(), k);
+        }
+        assert_eq!("hugetlbx".parse::<BackendKind>(), Err(UnknownBackend("hugetlbx".into())));
+    }
+
+    #[test]
+    fn memfd_backing_has_fd_and_prefaults() {
+        let mut spec = BackendSpec::new(BackendKind::Memfd);
+        spec.prefault = true;
+        let b = Backing::create(&spec, 4 << 20, None).unwrap();
+        assert!(b.fd().is_some());
+        assert_eq!(b.mapping().addr() % PAGE_2M, 0);
+    }
+
+    #[test]
+    fn file_backing_grows_a_short_file_and_refuses_missing_ones() {
+        let dir = std::env::temp_dir().join(format!("mosaic-gm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("ram");
+        std::fs::write(&p, b"").unwrap();
+        let mut spec = BackendSpec::new(BackendKind::File);
+        spec.path = Some(p.clone());
+        Backing::create(&spec, 2 << 20, None).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 20);
+        spec.path = Some(dir.join("missing"));
+        assert!(matches!(Backing::create(&spec, 2 << 20, None), Err(BackendError::File { .. })));
+        spec.path = Some(dir.clone());
+        assert!(Backing::create(&spec, 2 << 20, None).is_err());
+        spec.path = None;
+        assert!(matches!(Backing::create(&spec, 2 << 20, None), Err(BackendError::MissingPath)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gmem_without_a_vm_is_refused() {
+        let spec = BackendSpec::new(BackendKind::Gmem);
+        assert!(matches!(Backing::create(&spec, 2 << 20, None), Err(BackendError::NoGmemFactory)));
+    }
+}
