@@ -1,1 +1,2 @@
+//! The `mosaic` command.
 fn main() {}

@@ -1,0 +1,1 @@
+//! Linux boot: bzImage/ELF via linux-loader, boot params, e820, mptable, CPL0 entry.

@@ -1,0 +1,1 @@
+//! Devices: port I/O bus, serial, debug-exit, boot marker, i8042.

@@ -1,0 +1,1 @@
+//! Built-in guest programs, compiled from resources/guests by build.rs.

@@ -1,0 +1,1 @@
+//! `mosaic host-check`: what this host can do for Mosaic.

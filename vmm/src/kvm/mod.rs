@@ -1,0 +1,1 @@
+//! KVM helpers rust-vmm does not provide: capability numbers, binary stats.
