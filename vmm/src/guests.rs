@@ -1,1 +1,134 @@
-//! Built-in guest programs, compiled from resources/guests by build.rs.
+//! Built-in guest programs, compiled from `resources/guests` by `build.rs`.
+//!
+//! Each is a static ELF64 x86-64 executable following `docs/GUEST-ABI.md`: linked at
+//! guest-physical 0x200000, entered at CPL3 on every vCPU. The C programs print to COM1
+//! and end through the exit (0x500) / park (0x502) ports:
+//!
+//! | name | what it does | output (COM1) | exit code |
+//! |---|---|---|---|
+//! | `hello` | every vCPU writes the boot marker and checks in; vCPU 0 waits for all | `Hello from Mosaic! guest RAM <MiB> MiB, <n> vCPUs online` | 0 |
+//! | `memtest` | writes and verifies every free page, split across vCPUs | see below | 0 ok, 1 mismatch or bad layout |
+//! | `fault` | reads unmapped 0x700000000000 | `fault: touching unmapped address` | #PF (VMM: 125) |
+//! | `probe` | for `host-check`: boot marker, 200000-iteration ALU loop, exit 0; CPL0- or CPL3-safe (only mov/add/xor/dec/jnz/out, no stack) | none | 0 |
+//!
+//! `memtest` output (vCPU 0, after all vCPUs are done):
+//! ```text
+//! memtest: range 0x<gpa hex> +0x<len hex>        one line per boot-info free range
+//! memtest: vcpus <n> bytes <dec> checksum 0x<16 hex> mismatches <dec>
+//! memtest: write <dec> cycles/page <dec> ns/page
+//! memtest: ok                                    or: memtest: FAIL
+//! ```
+//! The qword at guest-physical `a` holds
+//! `(a ^ 0x5a5a5a5a5a5a5a5a).wrapping_mul(0x9e3779b97f4a7c15)`; the checksum is the
+//! wrapping sum of every qword read back. On a mismatch, lines
+//! `memtest: vcpu <i> first mismatch at 0x<hex> read 0x<16 hex> expected 0x<16 hex>`
+//! come before `FAIL`; on a bad layout only `memtest: bad layout: <reason>` and
+//! `memtest: FAIL` are printed.
+
+/// Names of the built-in guest programs, as accepted by [`builtin`].
+pub const NAMES: &[&str] = &["hello", "memtest", "fault", "probe"];
+
+static HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
+static MEMTEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.elf"));
+static FAULT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fault.elf"));
+static PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
+
+/// Returns the ELF image of the built-in guest program `name` (one of [`NAMES`]),
+/// or `None` if there is no such program.
+pub fn builtin(name: &str) -> Option<&'static [u8]> {
+    match name {
+        "hello" => Some(HELLO),
+        "memtest" => Some(MEMTEST),
+        "fault" => Some(FAULT),
+        "probe" => Some(PROBE),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    /// (p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz) of every program header.
+    fn program_headers(elf: &[u8]) -> Vec<(u32, u64, u64, u64, u64, u64)> {
+        let phoff = usize::try_from(u64_at(elf, 32)).unwrap();
+        let phentsize = usize::from(u16_at(elf, 54));
+        let phnum = usize::from(u16_at(elf, 56));
+        assert_eq!(phentsize, 56);
+        (0..phnum)
+            .map(|i| {
+                let ph = phoff + i * phentsize;
+                (
+                    u32_at(elf, ph),
+                    u64_at(elf, ph + 8),
+                    u64_at(elf, ph + 16),
+                    u64_at(elf, ph + 24),
+                    u64_at(elf, ph + 32),
+                    u64_at(elf, ph + 40),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_name_has_an_image() {
+        for name in NAMES {
+            assert!(builtin(name).is_some(), "{name}");
+        }
+        assert!(builtin("nope").is_none());
+        assert!(builtin("").is_none());
+    }
+
+    #[test]
+    fn images_are_static_elf64_x86_64_exec() {
+        for name in NAMES {
+            let elf = builtin(name).unwrap();
+            assert_eq!(&elf[..4], b"\x7fELF", "{name}: magic");
+            assert_eq!(elf[4], 2, "{name}: ELFCLASS64");
+            assert_eq!(elf[5], 1, "{name}: little-endian");
+            assert_eq!(u16_at(elf, 16), 2, "{name}: ET_EXEC");
+            assert_eq!(u16_at(elf, 18), 62, "{name}: EM_X86_64");
+            let entry = u64_at(elf, 24);
+            assert!(entry >= 0x20_0000, "{name}: entry {entry:#x}");
+        }
+    }
+
+    #[test]
+    fn segments_follow_the_guest_abi() {
+        for name in NAMES {
+            let elf = builtin(name).unwrap();
+            let entry = u64_at(elf, 24);
+            let phdrs = program_headers(elf);
+            let loads: Vec<_> = phdrs.iter().filter(|p| p.0 == 1).collect();
+            assert!(!loads.is_empty(), "{name}: no PT_LOAD");
+            for &(p_type, _, _, _, _, _) in &phdrs {
+                assert!(p_type != 2 && p_type != 3, "{name}: PT_DYNAMIC/PT_INTERP");
+            }
+            for &&(_, offset, vaddr, paddr, filesz, memsz) in &loads {
+                assert!(paddr >= 0x20_0000, "{name}: p_paddr {paddr:#x}");
+                assert_eq!(paddr, vaddr, "{name}: p_paddr != p_vaddr");
+                assert!(filesz <= memsz, "{name}: p_filesz > p_memsz");
+                assert!(
+                    offset + filesz <= elf.len() as u64,
+                    "{name}: segment past EOF"
+                );
+            }
+            assert!(
+                loads.iter().any(|p| p.3 <= entry && entry < p.3 + p.4),
+                "{name}: entry {entry:#x} outside the loaded text"
+            );
+        }
+    }
+}

@@ -1,2 +1,161 @@
-//! The `mosaic` command.
-fn main() {}
+//! The `mosaic` command: `run` launches a microVM, `host-check` explains the host.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::config::memory::MemoryConfig;
+use vmm::config::size::format_size;
+use vmm::config::{RunPlan, VmConfig};
+use vmm::error_chain;
+use vmm::run::{self, report::RunReport};
+
+/// Exit code for invalid flags or configuration.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "mosaic", version, about = "A KVM microVM monitor built around its guest memory manager")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Launch a microVM and run it to the end; exits with the guest's exit code.
+    Run(RunArgs),
+    /// Show what this host can do for Mosaic.
+    HostCheck {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Guest program: a built-in name (hello, memtest, fault) or a path to a guest ELF.
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "kernel")]
+    guest: Option<String>,
+    /// Linux kernel to boot (bzImage or ELF vmlinux).
+    #[arg(long, value_name = "K")]
+    kernel: Option<PathBuf>,
+    /// initramfs for --kernel.
+    #[arg(long, value_name = "I")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, value_name = "C")]
+    cmdline: Option<String>,
+    /// Number of vCPUs (default 1).
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// A zone of guest RAM; repeat for several zones, placed in order
+    /// (default size=128M,backend=memfd).
+    #[arg(long, value_name = "size=SIZE,backend=anon|memfd|gmem|file[,path=P][,prefault=on]")]
+    memory: Vec<String>,
+    /// Serial console: stdout (default), file:PATH or none.
+    #[arg(long, value_name = "stdout|file:P|none")]
+    serial: Option<String>,
+    /// Write run statistics as JSON to FILE at exit.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+    /// Read the configuration from a JSON file with the same shape as these flags;
+    /// flags given as well override it.
+    #[arg(long, value_name = "FILE.json")]
+    config: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn plan(self) -> Result<RunPlan, vmm::config::ConfigError> {
+        let base = match &self.config {
+            Some(p) => VmConfig::from_file(p)?,
+            None => VmConfig::default(),
+        };
+        let memory = self.memory.iter().map(|m| MemoryConfig::parse_flag(m)).collect::<Result<Vec<_>, _>>()?;
+        let flags = VmConfig {
+            guest: self.guest,
+            kernel: self.kernel,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline,
+            vcpus: self.vcpus,
+            memory,
+            serial: self.serial,
+            stats_json: self.stats_json,
+        };
+        base.overridden_by(flags).resolve()
+    }
+}
+
+fn start_line(plan: &RunPlan) -> String {
+    let guest = match &plan.boot {
+        vmm::config::BootSource::Program { name, .. } => format!("guest program {name}"),
+        vmm::config::BootSource::Linux(l) => format!("kernel {}", l.kernel.display()),
+    };
+    let zones: Vec<String> = plan
+        .layout
+        .zones()
+        .iter()
+        .map(|z| {
+            let pf = if z.backend.prefault { ", prefaulted" } else { "" };
+            format!("{} {} ({} pages{pf})", format_size(z.size), z.backend.kind, format_size(z.backend.page_size()))
+        })
+        .collect();
+    let v = plan.vcpus;
+    format!("mosaic: starting {guest}: {v} vCPU{}, RAM {}", if v == 1 { "" } else { "s" }, zones.join(" + "))
+}
+
+fn write_stats(path: &std::path::Path, report: &RunReport) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("cannot write '{}': {e}", path.display()))
+}
+
+fn cmd_run(args: RunArgs, start: Instant, start_ns: u64) -> ExitCode {
+    let plan = match args.plan() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mosaic: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    eprintln!("{}", start_line(&plan));
+    let report = match run::execute(&plan, start, start_ns, None) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mosaic: {}", error_chain(&e));
+            return ExitCode::from(vmm::vm::control::EXIT_VM_FAILED as u8);
+        }
+    };
+    if report.outcome.kind != "exit" && report.outcome.kind != "reset" {
+        eprintln!("mosaic: {}", report.outcome.description);
+    }
+    if let Some(p) = &plan.stats_json {
+        if let Err(e) = write_stats(p, &report) {
+            eprintln!("mosaic: --stats-json: {e}");
+        }
+    }
+    ExitCode::from(report.exit_code.clamp(0, 255) as u8)
+}
+
+fn cmd_host_check(json: bool) -> ExitCode {
+    let probe = run::probe::kernel_mode_probe();
+    match vmm::hostcheck::run(json, Some(probe)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mosaic: host-check: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let start_ns = run::monotonic_ns();
+    match Cli::parse().command {
+        Command::Run(args) => cmd_run(args, start, start_ns),
+        Command::HostCheck { json } => cmd_host_check(json),
+    }
+}

@@ -1,0 +1,180 @@
+/*
+ * Mosaic guest runtime: the guest-program ABI (docs/GUEST-ABI.md) for freestanding C.
+ *
+ * Guest programs run at CPL3 in 64-bit long mode, identity-mapped, interrupts off.
+ * Only the ports listed below are open; any other port raises #GP.
+ */
+#ifndef MOSAIC_H
+#define MOSAIC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- ABI constants ---------------------------------------------------------- */
+
+#define MOSAIC_BOOT_MAGIC    0x42534f4du /* "MOSB" */
+#define MOSAIC_BOOT_VERSION  1u
+#define MOSAIC_MAX_FREE      32u
+
+#define PORT_COM1            0x3f8
+#define PORT_EXIT            0x500
+#define PORT_BOOT_MARKER     0x501
+#define PORT_PARK            0x502
+
+#define PAGE_SIZE            4096ull
+#define IMAGE_BASE           0x200000ull
+
+/* Upper bound for per-vCPU arrays in programs (KVM_CAP_MAX_VCPUS here is 1024). */
+#define MOSAIC_MAX_VCPUS     1024u
+
+/* ---- Boot-info block (at RDX on entry, little-endian) ----------------------- */
+
+struct free_range {
+    uint64_t gpa;   /* guest-physical start, 2 MiB aligned */
+    uint64_t len;   /* bytes, 2 MiB aligned */
+};
+
+struct boot_info {
+    uint32_t magic;         /*  0: MOSAIC_BOOT_MAGIC */
+    uint32_t version;       /*  4: 1 */
+    uint32_t nr_vcpus;      /*  8 */
+    uint32_t page_shift;    /* 12: size of the guest mappings (21 = 2 MiB) */
+    uint64_t total_ram;     /* 16: bytes */
+    uint64_t tsc_khz;       /* 24: 0 if unknown */
+    uint32_t nr_free;       /* 32: at most MOSAIC_MAX_FREE */
+    uint32_t reserved;      /* 36: 0 */
+    struct free_range free[MOSAIC_MAX_FREE]; /* 40: ascending */
+};
+
+_Static_assert(offsetof(struct boot_info, nr_vcpus) == 8, "boot_info layout");
+_Static_assert(offsetof(struct boot_info, page_shift) == 12, "boot_info layout");
+_Static_assert(offsetof(struct boot_info, total_ram) == 16, "boot_info layout");
+_Static_assert(offsetof(struct boot_info, tsc_khz) == 24, "boot_info layout");
+_Static_assert(offsetof(struct boot_info, nr_free) == 32, "boot_info layout");
+_Static_assert(offsetof(struct boot_info, free) == 40, "boot_info layout");
+_Static_assert(sizeof(struct boot_info) == 40 + 16 * MOSAIC_MAX_FREE, "boot_info size");
+
+/* Linker-script symbols: the loaded image is [__image_start, __image_end). */
+extern char __image_start[], __image_end[];
+
+/* The program's entry, called by crt0 on every vCPU. vCPU 0's return value becomes
+ * the exit code; other vCPUs park when they return. */
+int guest_main(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi);
+
+/* ---- Port I/O and CPU helpers ----------------------------------------------- */
+
+static inline void outb(uint16_t port, uint8_t v)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port) : "memory");
+}
+
+static inline void outw(uint16_t port, uint16_t v)
+{
+    __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port) : "memory");
+}
+
+static inline void outl(uint16_t port, uint32_t v)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory");
+}
+
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+    return v;
+}
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi) : : "memory");
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static inline void cpu_relax(void)
+{
+    __asm__ volatile("pause" : : : "memory");
+}
+
+/* Compiler barrier: memory is not cached in registers across it. */
+static inline void compiler_barrier(void)
+{
+    __asm__ volatile("" : : : "memory");
+}
+
+/* ---- Run control (ports 0x500-0x502) ---------------------------------------- */
+
+/* Ends the whole run; the low 8 bits of `code` are `mosaic run`'s exit code. */
+__attribute__((noreturn)) void guest_exit(uint32_t code);
+/* This vCPU is done: the VMM stops its thread; the others run on. */
+__attribute__((noreturn)) void guest_park(void);
+/* Boot marker: the VMM times the first write from any vCPU. */
+static inline void boot_marker(void)
+{
+    outb(PORT_BOOT_MARKER, 0);
+}
+
+/* ---- Serial console (COM1) -------------------------------------------------- */
+
+/* Each byte is one `outb` to 0x3f8 (one VMM exit, ~60 us on nested hosts). The
+ * console lock keeps lines from different vCPUs whole; print_* do not take it. */
+void console_lock(void);
+void console_unlock(void);
+void print_char(char c);
+void print_str(const char *s);
+void print_u64(uint64_t v);                 /* decimal */
+void print_hex(uint64_t v);                 /* lowercase, no leading zeros, no 0x */
+void print_hex_pad(uint64_t v, unsigned digits); /* lowercase, zero-padded */
+
+/* ---- Boot info -------------------------------------------------------------- */
+
+/* True if magic, version and nr_free are sane. */
+bool boot_info_valid(const struct boot_info *bi);
+
+/* ---- Atomics and synchronisation -------------------------------------------- */
+
+static inline uint32_t atomic_load32(const uint32_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
+static inline void atomic_store32(uint32_t *p, uint32_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+
+static inline uint32_t atomic_inc32(uint32_t *p) /* returns the new value */
+{
+    return __atomic_add_fetch(p, 1, __ATOMIC_SEQ_CST);
+}
+
+static inline uint64_t atomic_add64(uint64_t *p, uint64_t v) /* returns the new value */
+{
+    return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
+}
+
+struct spinlock {
+    uint32_t locked;
+};
+
+void spin_lock(struct spinlock *l);
+void spin_unlock(struct spinlock *l);
+
+/* Reusable sense-counting spin barrier for `n` participants; zero-initialised. */
+struct barrier {
+    uint32_t count;
+    uint32_t generation;
+};
+
+void barrier_wait(struct barrier *b, uint32_t n);
+
+/* ---- Memory (gcc may emit calls to these) ----------------------------------- */
+
+void *memset(void *dst, int c, size_t n);
+void *memcpy(void *dst, const void *src, size_t n);
+void *memmove(void *dst, const void *src, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+
+#endif /* MOSAIC_H */

@@ -1,0 +1,73 @@
+//! Mosaic's guest ports (docs/GUEST-ABI.md): exit, boot marker, park, and the
+//! exception report written by the VMM's own CPL0 stubs.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::IoAction;
+
+/// Exit port: the low 8 bits of the value become `mosaic run`'s exit code.
+pub const EXIT_PORT: u16 = 0x500;
+/// Boot marker: the first write is timed.
+pub const BOOT_MARKER_PORT: u16 = 0x501;
+/// Park: this vCPU is done.
+pub const PARK_PORT: u16 = 0x502;
+/// Exception report from the CPL0 stubs.
+pub const EXCEPTION_PORT: u16 = 0x510;
+/// First port of the range.
+pub const FIRST: u16 = EXIT_PORT;
+/// Last port of the range.
+pub const LAST: u16 = 0x51f;
+
+/// State of the guest ports.
+#[derive(Debug)]
+pub struct GuestPorts {
+    start: Instant,
+    boot_marker: OnceLock<Duration>,
+}
+
+impl GuestPorts {
+    /// Ports whose times count from `start`.
+    pub fn new(start: Instant) -> Self {
+        GuestPorts { start, boot_marker: OnceLock::new() }
+    }
+
+    /// Time from VMM start to the first boot-marker write.
+    pub fn boot_marker(&self) -> Option<Duration> {
+        self.boot_marker.get().copied()
+    }
+
+    /// An `out` to one of the ports.
+    pub fn write(&self, port: u16, data: &[u8]) -> IoAction {
+        match port {
+            EXIT_PORT => IoAction::Exit(data.first().copied().unwrap_or(0)),
+            BOOT_MARKER_PORT => {
+                let _ = self.boot_marker.set(self.start.elapsed());
+                IoAction::Continue
+            }
+            PARK_PORT => IoAction::Park,
+            EXCEPTION_PORT => IoAction::Exception,
+            _ => IoAction::Continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_map_to_actions() {
+        let p = GuestPorts::new(Instant::now());
+        assert_eq!(p.write(EXIT_PORT, &[7, 1, 0, 0]), IoAction::Exit(7));
+        assert_eq!(p.write(EXIT_PORT, &[]), IoAction::Exit(0));
+        assert!(p.boot_marker().is_none());
+        assert_eq!(p.write(BOOT_MARKER_PORT, &[1]), IoAction::Continue);
+        let first = p.boot_marker().unwrap();
+        p.write(BOOT_MARKER_PORT, &[1]);
+        assert_eq!(p.boot_marker(), Some(first), "only the first write counts");
+        assert_eq!(p.write(PARK_PORT, &[0]), IoAction::Park);
+        assert_eq!(p.write(EXCEPTION_PORT, &[0]), IoAction::Exception);
+        assert_eq!(p.write(0x505, &[0]), IoAction::Continue);
+    }
+}

@@ -1,0 +1,121 @@
+//! One run of a VM, from plan to report: build the VM, load the guest, start the vCPU
+//! threads, wait in the event loop, stop everything and collect the statistics.
+
+pub mod events;
+pub mod probe;
+pub mod report;
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::boot::{linux, program};
+use crate::config::{BootSource, RunPlan};
+use crate::devices::serial::{Serial, COM1_IRQ};
+use crate::devices::{Devices, SerialError};
+use crate::kvm::stats::StatsFd;
+use crate::vm::control::{Outcome, RunControl};
+use crate::vm::{vcpu, Vm, VmError};
+use report::{ReportInputs, RunReport};
+
+/// Errors that stop a run before the guest could decide its outcome.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The VM could not be built.
+    #[error("cannot create the VM")]
+    Vm(#[from] VmError),
+    /// The console could not be set up.
+    #[error("cannot set up the serial console")]
+    Serial(#[from] SerialError),
+    /// The serial interrupt could not be wired.
+    #[error("cannot wire the serial interrupt")]
+    Irqfd(#[source] kvm_ioctls::Error),
+    /// The guest program could not be loaded.
+    #[error("cannot load the guest program")]
+    Program(#[from] program::ProgramError),
+    /// The kernel could not be loaded.
+    #[error("cannot load the kernel")]
+    Linux(#[from] linux::LinuxError),
+    /// Threads, signals or the event loop failed.
+    #[error("VMM runtime error")]
+    Runtime(#[from] io::Error),
+}
+
+/// `CLOCK_MONOTONIC` now, in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// Runs `plan` to the end. `start` is when the VMM started; `deadline` (from now)
+/// stops a run that takes longer.
+pub fn execute(
+    plan: &RunPlan,
+    start: Instant,
+    start_ns: u64,
+    deadline: Option<Duration>,
+) -> Result<RunReport, RunError> {
+    let n = plan.vcpus;
+    let vm = Vm::new(plan.layout.clone())?;
+    let mem = vm.memory().clone();
+    if matches!(plan.boot, BootSource::Linux(_)) {
+        vm.create_pit()?;
+    }
+    let serial = Serial::new(&plan.serial)?;
+    vm.fd().register_irqfd(serial.irq_evt(), COM1_IRQ).map_err(RunError::Irqfd)?;
+    let devices = Arc::new(Devices::new(serial, start));
+    let vcpus = (0..n).map(|i| vm.create_vcpu(i, n)).collect::<Result<Vec<_>, _>>()?;
+    let guest = match &plan.boot {
+        BootSource::Program { name, image, kernel_mode } => {
+            let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+            let mut boot = program::prepare(&mem, image, n, tsc_khz)?;
+            boot.kernel_mode = *kernel_mode;
+            for (i, v) in vcpus.iter().enumerate() {
+                program::configure_vcpu(v, i as u32, &boot)?;
+            }
+            name.clone()
+        }
+        BootSource::Linux(cfg) => {
+            let boot = linux::load(&mem, cfg, n)?;
+            for (i, v) in vcpus.iter().enumerate() {
+                linux::configure_vcpu(v, i as u32, &boot, &mem)?;
+            }
+            cfg.kernel.display().to_string()
+        }
+    };
+    let vm_stats = StatsFd::open(vm.fd()).ok();
+    vcpu::install_kick_handler()?;
+    let ctl = Arc::new(RunControl::new(n, start)?);
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for (i, v) in vcpus.into_iter().enumerate() {
+        match vcpu::spawn(i as u32, v, devices.clone(), mem.clone(), ctl.clone()) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                ctl.finish(Outcome::Error { vcpu: i as u32, message: format!("cannot start thread: {e}") });
+                break;
+            }
+        }
+    }
+    if let Err(e) = events::wait_for_stop(&ctl, deadline) {
+        ctl.finish(Outcome::Error { vcpu: 0, message: format!("event loop failed: {e}") });
+    }
+    let reports = vcpu::stop_all(handles);
+    devices.flush();
+    let kvm_vm = vm_stats.and_then(|s| s.read().ok()).unwrap_or_default();
+    Ok(RunReport::new(ReportInputs {
+        outcome: ctl.outcome(),
+        boot_marker: devices.guest_ports().boot_marker(),
+        guest,
+        vcpus: n,
+        start_monotonic_ns: start_ns,
+        memory: report::regions(&mem),
+        kvm_vm,
+        kvm_vcpus: reports.into_iter().map(|r| r.stats).collect(),
+        rss: report::vm_rss(),
+        unknown_port_accesses: devices.unknown_accesses(),
+    }))
+}

@@ -1,0 +1,180 @@
+//! The `--stats-json` report: how the run ended, its times, guest memory as the host
+//! and KVM map it, and KVM's binary stats.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use guest_mem::GuestMemory;
+use serde::Serialize;
+
+use crate::vm::control::{FaultReport, Outcome};
+
+/// Version of the report format.
+pub const REPORT_VERSION: u32 = 1;
+
+/// How the run ended.
+#[derive(Debug, Serialize)]
+pub struct OutcomeReport {
+    /// Short kind: exit, reset, fault, shutdown, all_parked, error, signal.
+    pub kind: &'static str,
+    /// One line for people.
+    pub description: String,
+    /// The fault, for `fault`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultReport>,
+}
+
+/// Wall times from VMM start (`main`), in microseconds.
+#[derive(Debug, Serialize)]
+pub struct Times {
+    /// To the guest's first boot-marker write.
+    pub boot_marker_us: Option<u64>,
+    /// To the moment the outcome was decided.
+    pub exit_us: Option<u64>,
+    /// `CLOCK_MONOTONIC` at VMM start, in ns (to compare with a launcher's clock).
+    pub vmm_start_monotonic_ns: u64,
+}
+
+/// One guest RAM region as the host maps it.
+#[derive(Debug, Serialize)]
+pub struct RegionReport {
+    /// First GPA.
+    pub gpa: u64,
+    /// Size.
+    pub size: u64,
+    /// Zone index.
+    pub zone: usize,
+    /// Backend name.
+    pub backend: &'static str,
+    /// Backing page size.
+    pub page_size: u64,
+    /// Host mapping (from /proc/self/smaps).
+    pub host: hugepage::smaps::HugeCoverage,
+    /// Bytes the host maps with huge pages.
+    pub host_huge_bytes: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    /// Format version.
+    pub version: u32,
+    /// Process exit code.
+    pub exit_code: i32,
+    /// How the run ended.
+    pub outcome: OutcomeReport,
+    /// Guest program name, or the kernel path.
+    pub guest: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Times.
+    pub times: Times,
+    /// Guest RAM regions.
+    pub memory: Vec<RegionReport>,
+    /// KVM VM stats (pages_4k, pages_2m, pages_1g, ...).
+    pub kvm_vm: BTreeMap<String, u64>,
+    /// KVM vCPU stats summed over vCPUs (exits, io_exits, ...).
+    pub kvm_vcpu: BTreeMap<String, u64>,
+    /// VMM resident memory beyond guest RAM (VmRSS minus guest resident bytes).
+    pub vmm_rss_bytes: Option<u64>,
+    /// Port accesses no device claimed.
+    pub unknown_port_accesses: u64,
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros().try_into().unwrap_or(u64::MAX)
+}
+
+/// Per-region host mapping report.
+pub fn regions(mem: &GuestMemory) -> Vec<RegionReport> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok();
+    let maps = smaps.as_deref().and_then(|t| hugepage::smaps::parse(t).ok()).unwrap_or_default();
+    mem.regions()
+        .iter()
+        .map(|r| {
+            let host = hugepage::smaps::coverage_of(&maps, r.host_addr, r.host_addr + r.size);
+            RegionReport {
+                gpa: r.gpa,
+                size: r.size,
+                zone: r.zone,
+                backend: r.kind.name(),
+                page_size: r.page_size,
+                host_huge_bytes: host.huge_bytes(),
+                host,
+            }
+        })
+        .collect()
+}
+
+/// VmRSS of this process, in bytes.
+pub fn vm_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    guest_mem::capacity::parse_meminfo_field(&s, "VmRSS")
+}
+
+/// Inputs to [`RunReport::new`].
+#[derive(Debug)]
+pub struct ReportInputs {
+    /// Outcome and when it was decided.
+    pub outcome: Option<(Outcome, Duration)>,
+    /// Boot-marker time.
+    pub boot_marker: Option<Duration>,
+    /// Guest name.
+    pub guest: String,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// CLOCK_MONOTONIC at start.
+    pub start_monotonic_ns: u64,
+    /// Region reports.
+    pub memory: Vec<RegionReport>,
+    /// VM stats.
+    pub kvm_vm: BTreeMap<String, u64>,
+    /// Per-vCPU stats.
+    pub kvm_vcpus: Vec<BTreeMap<String, u64>>,
+    /// VmRSS.
+    pub rss: Option<u64>,
+    /// Unknown port accesses.
+    pub unknown_port_accesses: u64,
+}
+
+impl RunReport {
+    /// Builds the report.
+    pub fn new(i: ReportInputs) -> Self {
+        let (outcome, exit_at) = match i.outcome {
+            Some((o, t)) => (o, Some(t)),
+            None => (Outcome::Error { vcpu: 0, message: "run ended without an outcome".into() }, None),
+        };
+        let mut kvm_vcpu = BTreeMap::new();
+        for s in &i.kvm_vcpus {
+            for (k, v) in s {
+                let e = kvm_vcpu.entry(k.clone()).or_insert(0u64);
+                *e = e.saturating_add(*v);
+            }
+        }
+        let guest_resident: u64 = i.memory.iter().map(|r| r.host.resident_bytes()).sum();
+        RunReport {
+            version: REPORT_VERSION,
+            exit_code: outcome.exit_code(),
+            outcome: OutcomeReport {
+                kind: outcome.kind(),
+                description: outcome.describe(),
+                fault: match &outcome {
+                    Outcome::Fault(f) => Some(*f),
+                    _ => None,
+                },
+            },
+            guest: i.guest,
+            vcpus: i.vcpus,
+            times: Times {
+                boot_marker_us: i.boot_marker.map(us),
+                exit_us: exit_at.map(us),
+                vmm_start_monotonic_ns: i.start_monotonic_ns,
+            },
+            memory: i.memory,
+            kvm_vm: i.kvm_vm,
+            kvm_vcpu,
+            vmm_rss_bytes: i.rss.map(|r| r.saturating_sub(guest_resident)),
+            unknown_port_accesses: i.unknown_port_accesses,
+        }
+    }
+}

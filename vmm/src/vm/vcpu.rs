@@ -1,0 +1,163 @@
+//! A vCPU thread: `KVM_RUN` in a loop, port and MMIO exits to the devices, and an
+//! explicit state for how the loop ends.
+//!
+//! ```text
+//!   Running ──KVM_RUN──► exit ──► devices ──► Running
+//!      │                   │
+//!      │ stop flag/kick    ├─ exit port / fault / shutdown / error ──► Stopped (run ends)
+//!      ▼                   └─ park port ─────────────────────────────► Parked  (thread ends)
+//!   Stopped
+//! ```
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use guest_mem::GuestMemory;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::control::{FaultReport, Outcome, RunControl};
+use crate::devices::{Devices, IoAction};
+use crate::kvm::stats::StatsFd;
+
+/// How a vCPU thread ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Still in the run loop.
+    Running,
+    /// The guest parked this vCPU.
+    Parked,
+    /// The run was stopped (by this vCPU or another).
+    Stopped,
+}
+
+/// What a vCPU thread hands back when it ends.
+#[derive(Debug)]
+pub struct VcpuReport {
+    /// vCPU index.
+    pub index: u32,
+    /// How it ended.
+    pub state: VcpuState,
+    /// Its KVM binary stats at the end (empty if unavailable).
+    pub stats: BTreeMap<String, u64>,
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's handler (once per process): it does nothing but
+/// interrupt `KVM_RUN` with `EINTR`.
+pub fn install_kick_handler() -> io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Starts vCPU `index` on a thread named `vcpuN`.
+pub fn spawn(
+    index: u32,
+    vcpu: VcpuFd,
+    devices: Arc<Devices>,
+    mem: Arc<GuestMemory>,
+    ctl: Arc<RunControl>,
+) -> io::Result<JoinHandle<VcpuReport>> {
+    thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
+        let stats_fd = StatsFd::open(&vcpu).ok();
+        let mut vcpu = vcpu;
+        let state = run_loop(index, &mut vcpu, &devices, &mem, &ctl);
+        let stats = stats_fd.and_then(|s| s.read().ok()).unwrap_or_default();
+        VcpuReport { index, state, stats }
+    })
+}
+
+fn run_loop(index: u32, vcpu: &mut VcpuFd, devices: &Devices, mem: &GuestMemory, ctl: &RunControl) -> VcpuState {
+    let fail = |message: String| {
+        ctl.finish(Outcome::Error { vcpu: index, message });
+        VcpuState::Stopped
+    };
+    loop {
+        if ctl.stopping() {
+            return VcpuState::Stopped;
+        }
+        let action = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => devices.io_out(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                devices.io_in(port, data);
+                IoAction::Continue
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                IoAction::Continue
+            }
+            Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
+            Ok(VcpuExit::Shutdown) => {
+                ctl.finish(Outcome::Shutdown { vcpu: index });
+                return VcpuState::Stopped;
+            }
+            Ok(VcpuExit::Hlt) => return fail("halted with interrupts disabled".into()),
+            Ok(VcpuExit::InternalError) => {
+                return fail("KVM internal error (emulation failure: kernel-mode code this host cannot run)".into())
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return fail(format!("VM entry failed (reason {reason:#x}, cpu {cpu})"))
+            }
+            Ok(other) => return fail(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => IoAction::Continue,
+            Err(e) => return fail(format!("KVM_RUN failed: {e}")),
+        };
+        match action {
+            IoAction::Continue => {}
+            IoAction::Exit(code) => {
+                ctl.finish(Outcome::Exit(code));
+                return VcpuState::Stopped;
+            }
+            IoAction::Reset => {
+                ctl.finish(Outcome::Reset);
+                return VcpuState::Stopped;
+            }
+            IoAction::Park => {
+                ctl.park();
+                return VcpuState::Parked;
+            }
+            IoAction::Exception => {
+                return match fault_report(index, vcpu, mem) {
+                    Ok(f) => {
+                        ctl.finish(Outcome::Fault(f));
+                        VcpuState::Stopped
+                    }
+                    Err(m) => fail(format!("guest fault, and its frame could not be read: {m}")),
+                }
+            }
+        }
+    }
+}
+
+/// Reads the exception frame the CPL0 stub left on its stack:
+/// `[vector, error code, RIP, CS, RFLAGS, RSP, SS]`.
+fn fault_report(index: u32, vcpu: &VcpuFd, mem: &GuestMemory) -> Result<FaultReport, String> {
+    let regs = vcpu.get_regs().map_err(|e| e.to_string())?;
+    let sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
+    let word = |i: u64| mem.read_obj::<u64>(regs.rsp + 8 * i).map_err(|e| e.to_string());
+    Ok(FaultReport { vcpu: index, vector: word(0)?, error_code: word(1)?, rip: word(2)?, cr2: sregs.cr2 })
+}
+
+/// Stops every vCPU thread: raises the stop flag (via `ctl`) and re-sends the kick
+/// signal until each thread has left `KVM_RUN`, then joins them.
+pub fn stop_all(handles: Vec<JoinHandle<VcpuReport>>) -> Vec<VcpuReport> {
+    use vmm_sys_util::signal::Killable;
+    let mut reports = Vec::with_capacity(handles.len());
+    for h in handles {
+        while !h.is_finished() {
+            let _ = h.kill(kick_signal());
+            thread::sleep(std::time::Duration::from_micros(200));
+        }
+        if let Ok(r) = h.join() {
+            reports.push(r);
+        }
+    }
+    reports
+}
