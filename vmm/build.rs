@@ -60,12 +60,8 @@ fn main() {
 
     println!("cargo:rerun-if-env-changed=CC");
     println!("cargo:rerun-if-changed={}", src_dir.display());
-    let entries = fs::read_dir(&src_dir).unwrap_or_else(|e| {
-        fail(&format!(
-            "cannot read guest sources in {}: {e}",
-            src_dir.display()
-        ))
-    });
+    let entries = fs::read_dir(&src_dir)
+        .unwrap_or_else(|e| fail(&format!("cannot read guest sources in {}: {e}", src_dir.display())));
     for entry in entries.flatten() {
         println!("cargo:rerun-if-changed={}", entry.path().display());
     }
@@ -88,12 +84,7 @@ fn compile(cc: &str, src_dir: &Path, sources: &[&str], out: &Path) {
     let mut cmd = Command::new(program);
     // Run in the source directory with relative source names, so no build paths end
     // up in the images' symbol tables.
-    cmd.current_dir(src_dir)
-        .args(words)
-        .args(FLAGS)
-        .arg("-o")
-        .arg(out)
-        .args(sources);
+    cmd.current_dir(src_dir).args(words).args(FLAGS).arg("-o").arg(out).args(sources);
 
     let output = cmd.output().unwrap_or_else(|e| {
         fail(&format!(
@@ -131,24 +122,12 @@ fn status_text(status: ExitStatus) -> String {
 /// no PT_INTERP or PT_DYNAMIC.
 fn check_elf(path: &Path) -> Result<(), String> {
     let data = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    let u16_at = |off: usize| {
-        data.get(off..off + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |off: usize| {
-        data.get(off..off + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |off: usize| {
-        data.get(off..off + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-    };
+    let u16_at = |off: usize| data.get(off..off + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |off: usize| data.get(off..off + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |off: usize| data.get(off..off + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
     let short = || "truncated ELF".to_string();
 
-    if data.get(..4) != Some(b"\x7fELF".as_slice())
-        || data.get(4) != Some(&2)
-        || data.get(5) != Some(&1)
-    {
+    if data.get(..4) != Some(b"\x7fELF".as_slice()) || data.get(4) != Some(&2) || data.get(5) != Some(&1) {
         return Err("not a little-endian ELF64 file".into());
     }
     if u16_at(16).ok_or_else(short)? != 2 || u16_at(18).ok_or_else(short)? != 62 {

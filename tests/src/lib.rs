@@ -8,22 +8,31 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The `mosaic` binary: `$MOSAIC_BIN`, or `mosaic` next to this test's `deps/` dir.
+/// The `mosaic` binary: `$MOSAIC_BIN`, or `mosaic` in the same target profile
+/// directory as this executable (tests live in its `deps/`, binaries beside it).
 pub fn mosaic_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MOSAIC_BIN") {
         return p.into();
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let dir = exe.parent().expect("target dir");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir };
     let bin = dir.join("mosaic");
     assert!(bin.exists(), "{} not built: run `cargo build` for the workspace first", bin.display());
     bin
 }
 
-/// Prints a visible skip line (CI counts them).
+/// Reports a skipped test: a `skipped: <reason>` line on stdout and, so that it is
+/// seen even though the test harness captures output, in `$MOSAIC_SKIP_LOG`, which
+/// `resources/scripts/test.sh` prints at the end.
 pub fn skip(reason: &str) {
     println!("skipped: {reason}");
-    eprintln!("skipped: {reason}");
+    if let Some(p) = std::env::var_os("MOSAIC_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
+            let _ = writeln!(f, "skipped: {reason}");
+        }
+    }
 }
 
 /// A scratch directory removed on drop.

@@ -11,7 +11,9 @@ fn refused(args: &[&str], flag: &str, message: &str) {
     let stats = dir.path("stats.json");
     let mut all: Vec<String> = vec!["run".into()];
     all.extend(args.iter().map(|s| s.to_string()));
-    all.push(format!("--serial=file:{}", serial.display()));
+    if !args.iter().any(|a| a.starts_with("--serial")) {
+        all.push(format!("--serial=file:{}", serial.display()));
+    }
     if !args.iter().any(|a| a.starts_with("--stats-json")) {
         all.push(format!("--stats-json={}", stats.display()));
     }
@@ -63,7 +65,9 @@ fn more_memory_than_the_host_can_back() {
 
 #[test]
 fn conflicting_and_misplaced_flags() {
-    refused(&["--guest=hello", "--kernel=/x"], "--kernel", "cannot be used with");
+    refused(&["--guest=hello", "--kernel=/x"], "--kernel", "cannot be used together");
+    refused(&["--vcpus=two"], "--vcpus", "invalid value 'two'");
+    refused(&["--memroy=size=64M"], "--memroy", "unexpected argument");
     refused(&["--cmdline=quiet"], "--cmdline", "needs --kernel");
     refused(&["--serial=tty"], "--serial", "not stdout, none or file:PATH");
 }

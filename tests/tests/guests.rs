@@ -45,8 +45,9 @@ fn hello(backend: &str, vcpus: u32) {
     assert_eq!(stats["outcome"]["kind"], "exit");
     assert_eq!(stats["memory"][0]["backend"], backend);
     assert!(stats["times"]["boot_marker_us"].as_u64().is_some(), "boot marker recorded");
-    // Every vCPU ran guest code that did port I/O.
-    assert!(stat(&stats, "kvm_vcpu", "io_exits") >= u64::from(vcpus) * 2);
+    // Every byte of the banner was a port write that exited to the VMM (this host's
+    // KVM counts them in `exits`, not `io_exits`).
+    assert!(stat(&stats, "kvm_vcpu", "exits") >= want.len() as u64, "{}", stats["kvm_vcpu"]);
 }
 
 fn memtest(backend: &str, vcpus: u32, size: &str) {

@@ -120,10 +120,7 @@ mod tests {
                 assert!(paddr >= 0x20_0000, "{name}: p_paddr {paddr:#x}");
                 assert_eq!(paddr, vaddr, "{name}: p_paddr != p_vaddr");
                 assert!(filesz <= memsz, "{name}: p_filesz > p_memsz");
-                assert!(
-                    offset + filesz <= elf.len() as u64,
-                    "{name}: segment past EOF"
-                );
+                assert!(offset + filesz <= elf.len() as u64, "{name}: segment past EOF");
             }
             assert!(
                 loads.iter().any(|p| p.3 <= entry && entry < p.3 + p.4),

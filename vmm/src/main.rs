@@ -36,7 +36,7 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Guest program: a built-in name (hello, memtest, fault) or a path to a guest ELF.
-    #[arg(long, value_name = "NAME|PATH", conflicts_with = "kernel")]
+    #[arg(long, value_name = "NAME|PATH")]
     guest: Option<String>,
     /// Linux kernel to boot (bzImage or ELF vmlinux).
     #[arg(long, value_name = "K")]
@@ -154,7 +154,22 @@ fn cmd_host_check(json: bool) -> ExitCode {
 fn main() -> ExitCode {
     let start = Instant::now();
     let start_ns = run::monotonic_ns();
-    match Cli::parse().command {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // One line, like every other usage error: clap's first line without its
+            // "error: " prefix (the usage block follows with --help).
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("mosaic: {} (see mosaic --help)", first.trim_start_matches("error: "));
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    match cli.command {
         Command::Run(args) => cmd_run(args, start, start_ns),
         Command::HostCheck { json } => cmd_host_check(json),
     }

@@ -311,8 +311,9 @@ fn hugetlb_rows(r: &HostReport, rows: &mut Vec<Row>) {
             format!("hugetlb {label} pool used up; grow it: echo N > {path}")
         } else {
             format!(
-                "hugetlb {label} backing: up to {} ({available} pages) free",
-                human_bytes(available.saturating_mul(p.page_size))
+                "hugetlb {label} backing: up to {} ({available} page{}) free",
+                human_bytes(available.saturating_mul(p.page_size)),
+                if available == 1 { "" } else { "s" }
             )
         };
         rows.push(Row::new(

@@ -114,7 +114,7 @@ fn text_table_for_pvm_host() {
     assert!(p2.ends_with(
         "hugetlb 2M needs: echo N > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
     ));
-    assert!(line(&t, "1G pool").contains("up to 1 GiB (1 pages) free"));
+    assert!(line(&t, "1G pool").contains("up to 1 GiB (1 page) free"));
     let sh = line(&t, "shmem THP");
     assert!(sh.contains("never") && sh.ends_with("thp shared=on needs shmem_enabled=advise"));
     assert!(line(&t, "anon THP ").contains("thp=on (MADV_HUGEPAGE) gets 2M anon pages"));

@@ -136,11 +136,7 @@ fn load_bzimage(
     if version < 0x020c {
         return Err(unsupported(
             path,
-            format!(
-                "boot protocol {}.{:02} is older than 2.12: no 64-bit entry point",
-                version >> 8,
-                version & 0xff
-            ),
+            format!("boot protocol {}.{:02} is older than 2.12: no 64-bit entry point", version >> 8, version & 0xff),
         ));
     }
     let xloadflags = hdr.xloadflags;
@@ -243,7 +239,12 @@ fn load_elf(
             // linux-loader skips segments with nothing in the file too.
             continue;
         }
-        let s = Segment { offset: le_u64(ph, 8), paddr: le_u64(ph, 0x18), filesz: le_u64(ph, 0x20), memsz: le_u64(ph, 0x28) };
+        let s = Segment {
+            offset: le_u64(ph, 8),
+            paddr: le_u64(ph, 0x18),
+            filesz: le_u64(ph, 0x20),
+            memsz: le_u64(ph, 0x28),
+        };
         if s.offset.checked_add(s.filesz).is_none_or(|e| e > file_len) {
             return Err(not_a_kernel(path, "an ELF segment is past the end of the file"));
         }
@@ -252,7 +253,8 @@ fn load_elf(
         }
         segments.push(s);
     }
-    let start = segments.iter().map(|s| s.paddr).min().ok_or_else(|| not_a_kernel(path, "ELF has no loadable segment"))?;
+    let start =
+        segments.iter().map(|s| s.paddr).min().ok_or_else(|| not_a_kernel(path, "ELF has no loadable segment"))?;
     let end = segments.iter().map(|s| s.paddr + s.memsz.max(s.filesz)).max().unwrap_or(start);
     if start < HIGH_MEMORY_START {
         return Err(unsupported(path, format!("ELF loads at {start:#x}, below 1 MiB")));
@@ -332,8 +334,7 @@ pub(crate) fn load_initramfs(
     while done < size {
         let n = (size - done).min(buf.len() as u64) as usize;
         file.read_exact(&mut buf[..n]).map_err(read_err)?;
-        mem.write(addr + done, &buf[..n])
-            .map_err(|source| LinuxError::Memory { what: "the initramfs", source })?;
+        mem.write(addr + done, &buf[..n]).map_err(|source| LinuxError::Memory { what: "the initramfs", source })?;
         done += n as u64;
     }
     Ok(Some(InitramfsPlacement { addr, size }))

@@ -139,8 +139,7 @@ pub fn load(mem: &GuestMemory, cfg: &LinuxConfig, vcpus: u32) -> Result<LinuxBoo
         None => None,
     };
     let zero_page = params::build(mem, &kernel, initramfs)?;
-    mem.write_obj(ZERO_PAGE_ADDR, &zero_page)
-        .map_err(|source| LinuxError::Memory { what: "the zero page", source })?;
+    mem.write_obj(ZERO_PAGE_ADDR, &zero_page).map_err(|source| LinuxError::Memory { what: "the zero page", source })?;
     mptable::write(mem, MPTABLE_ADDR, vcpus)?;
     Ok(LinuxBoot {
         entry: kernel.entry,

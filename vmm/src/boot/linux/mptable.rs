@@ -160,8 +160,7 @@ pub(crate) fn build(addr: u64, vcpus: u32) -> Vec<u8> {
 /// Writes the MP table for `vcpus` vCPUs at `addr`; returns its size.
 pub(crate) fn write(mem: &GuestMemory, addr: u64, vcpus: u32) -> Result<u64, LinuxError> {
     let bytes = build(addr, vcpus);
-    mem.write(addr, &bytes)
-        .map_err(|source| LinuxError::Memory { what: "the MP table", source })?;
+    mem.write(addr, &bytes).map_err(|source| LinuxError::Memory { what: "the MP table", source })?;
     Ok(bytes.len() as u64)
 }
 

@@ -143,10 +143,8 @@ pub(crate) fn gdt() -> [u64; 6] {
 
 fn write_gdt(mem: &GuestMemory) -> Result<(), LinuxError> {
     let bytes: Vec<u8> = gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
-    mem.write(GDT_ADDR, &bytes)
-        .map_err(|source| LinuxError::Memory { what: "the boot GDT", source })?;
-    mem.zero(TSS_ADDR, u64::from(TSS_LIMIT) + 1)
-        .map_err(|source| LinuxError::Memory { what: "the boot TSS", source })
+    mem.write(GDT_ADDR, &bytes).map_err(|source| LinuxError::Memory { what: "the boot GDT", source })?;
+    mem.zero(TSS_ADDR, u64::from(TSS_LIMIT) + 1).map_err(|source| LinuxError::Memory { what: "the boot TSS", source })
 }
 
 /// PML4 at [`PML4_ADDR`], the PDPT in the next page, then one page directory per GiB.
@@ -165,8 +163,7 @@ fn write_page_tables(mem: &GuestMemory) -> Result<(), LinuxError> {
     let pdpes: Vec<u64> = (0..IDENTITY_GIBS).map(|g| (pd0 + g * 0x1000) | PTE_PRESENT | PTE_WRITE).collect();
     mem.write(pdpt, &page(&pdpes)).map_err(err)?;
     for g in 0..IDENTITY_GIBS {
-        let pdes: Vec<u64> =
-            (0..512).map(|i| ((g << 30) + i * PAGE_2M) | PTE_PRESENT | PTE_WRITE | PTE_PS).collect();
+        let pdes: Vec<u64> = (0..512).map(|i| ((g << 30) + i * PAGE_2M) | PTE_PRESENT | PTE_WRITE | PTE_PS).collect();
         mem.write(pd0 + g * 0x1000, &page(&pdes)).map_err(err)?;
     }
     Ok(())

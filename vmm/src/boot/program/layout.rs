@@ -51,31 +51,26 @@ pub const OPEN_PORTS: &[(u16, u16)] = &[(0x3f8, 0x3ff), (0x500, 0x507)];
 pub const IOPB_PORTS: u32 = 0x600;
 
 /// Guest address of vCPU `i`'s TSS.
-pub fn tss_addr(i: u32) -> u64 {
-    TSS + TSS_STRIDE * u64::from(i)
+pub const fn tss_addr(i: u32) -> u64 {
+    TSS + TSS_STRIDE * i as u64
 }
 
 /// Top of vCPU `i`'s CPL0 stack.
-pub fn kstack_top(i: u32) -> u64 {
-    KSTACKS + KSTACK_SIZE * (u64::from(i) + 1)
+pub const fn kstack_top(i: u32) -> u64 {
+    KSTACKS + KSTACK_SIZE * (i as u64 + 1)
 }
 
 /// Number of GDT bytes for `vcpus` vCPUs.
-pub fn gdt_size(vcpus: u32) -> u64 {
-    8 * (5 + 2 * u64::from(vcpus))
+pub const fn gdt_size(vcpus: u32) -> u64 {
+    8 * (5 + 2 * vcpus as u64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn system_area_fits_below_the_image() {
-        assert!(GDT + gdt_size(MAX_VCPUS) <= TSS);
-        assert!(tss_addr(MAX_VCPUS) <= PML4);
-        assert!(kstack_top(MAX_VCPUS - 1) <= IMAGE_START);
-        assert!(IDT + 256 * 16 <= STUBS && STUBS + 32 * STUB_SIZE <= GDT);
-        assert!(104 + u64::from(IOPB_PORTS) / 8 + 1 <= TSS_STRIDE);
-        assert_eq!(MAX_MAPPED, 126 << 30);
-    }
-}
+// The system area fits below the image, checked at compile time.
+const _: () = {
+    assert!(GDT + gdt_size(MAX_VCPUS) <= TSS);
+    assert!(tss_addr(MAX_VCPUS) <= PML4);
+    assert!(kstack_top(MAX_VCPUS - 1) <= IMAGE_START);
+    assert!(IDT + 256 * 16 <= STUBS && STUBS + 32 * STUB_SIZE <= GDT);
+    assert!(104 + IOPB_PORTS as u64 / 8 < TSS_STRIDE);
+    assert!(MAX_MAPPED == 126 << 30);
+};
