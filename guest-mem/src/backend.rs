@@ -96,17 +96,46 @@ pub struct BackendSpec {
     /// Populate all pages before the guest starts.
     #[serde(default)]
     pub prefault: bool,
+    /// Page size of the backing: 4 KiB, or the huge page size of a hugetlbfs file.
+    #[serde(default = "default_page_size")]
+    pub page_size: u64,
+}
+
+fn default_page_size() -> u64 {
+    PAGE_4K
+}
+
+/// `statfs` magic of hugetlbfs.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// The page size of the filesystem holding `path`: its huge page size on hugetlbfs,
+/// 4 KiB elsewhere (tmpfs, ext4, DAX devices on devtmpfs).
+pub fn file_page_size(path: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: an all-zero statfs is a valid value for the kernel to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is a valid, writable statfs.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.f_type as i64 == HUGETLBFS_MAGIC && st.f_bsize > 0 {
+        Ok(st.f_bsize as u64)
+    } else {
+        Ok(PAGE_4K)
+    }
 }
 
 impl BackendSpec {
     /// A spec of `kind` with default options.
     pub fn new(kind: BackendKind) -> Self {
-        BackendSpec { kind, path: None, prefault: false }
+        BackendSpec { kind, path: None, prefault: false, page_size: PAGE_4K }
     }
 
     /// The page size the backing is made of.
     pub fn page_size(&self) -> u64 {
-        PAGE_4K
+        self.page_size
     }
 
     /// Alignment of the zone's first GPA and of its host mapping: at least 2 MiB so
@@ -319,6 +348,12 @@ mod tests {
         spec.path = None;
         assert!(matches!(Backing::create(&spec, 2 << 20, None), Err(BackendError::MissingPath)));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tmpfs_files_have_4k_pages() {
+        assert_eq!(file_page_size(std::path::Path::new("/dev/shm")).unwrap(), PAGE_4K);
+        assert!(file_page_size(std::path::Path::new("/nonexistent/x")).is_err());
     }
 
     #[test]

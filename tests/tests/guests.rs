@@ -203,3 +203,25 @@ fn default_run_greets_on_stdout() {
     assert!(out.stdout.contains("Hello from Mosaic! guest RAM 128 MiB, 1 vCPUs online"), "stdout: {}", out.stdout);
     assert!(out.stderr.contains("mosaic: starting guest program hello"), "stderr: {}", out.stderr);
 }
+
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    use std::process::{Command, Stdio};
+    let dir = Scratch::new("sigterm");
+    let stats = dir.path("stats.json");
+    let mut child = Command::new(mosaic_bin())
+        .args(["run", "--guest=memtest", "--memory=size=2G", "--serial=none"])
+        .arg(format!("--stats-json={}", stats.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(s["outcome"]["kind"], "signal");
+    assert_eq!(s["exit_code"], 128 + libc::SIGTERM);
+}

@@ -128,6 +128,13 @@ impl MemoryConfig {
         let mut backend = BackendSpec::new(kind);
         backend.path = self.path.clone();
         backend.prefault = self.prefault;
+        if let Some(p) = &self.path {
+            // A file on hugetlbfs is made of huge pages: the zone is aligned to them.
+            // (A path that cannot be inspected is reported when it is opened.)
+            if let Ok(ps) = guest_mem::backend::file_page_size(p) {
+                backend.page_size = ps;
+            }
+        }
         Ok(ZoneSpec { size, backend })
     }
 }
