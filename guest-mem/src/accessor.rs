@@ -138,10 +138,9 @@ impl GuestMemory {
             // SAFETY: [host_addr, host_addr+len) lies inside the backing's live mapping
             // (zone_offset + size <= zone size), made with the prot and flags passed;
             // `backings` outlives `mem` (field order above).
-            let mmap = unsafe {
-                MmapRegion::build_raw(host_addr as *mut u8, len, b.mapping().prot(), b.mapping().flags())
-            }
-            .map_err(BuildError::Regions)?;
+            let mmap =
+                unsafe { MmapRegion::build_raw(host_addr as *mut u8, len, b.mapping().prot(), b.mapping().flags()) }
+                    .map_err(BuildError::Regions)?;
             let region = GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
                 .ok_or(BuildError::Collection(vm_memory::GuestRegionCollectionError::NoMemoryRegion))?;
             vm_regions.push(region);
@@ -187,17 +186,13 @@ impl GuestMemory {
     /// Reads `buf.len()` bytes at `gpa`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         self.check(gpa, buf.len() as u64)?;
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|source| AccessError::Memory { gpa, source })
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|source| AccessError::Memory { gpa, source })
     }
 
     /// Writes `buf` at `gpa`.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError> {
         self.check(gpa, buf.len() as u64)?;
-        self.mem
-            .write_slice(buf, GuestAddress(gpa))
-            .map_err(|source| AccessError::Memory { gpa, source })
+        self.mem.write_slice(buf, GuestAddress(gpa)).map_err(|source| AccessError::Memory { gpa, source })
     }
 
     /// Reads a plain-data value at `gpa`.

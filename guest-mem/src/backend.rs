@@ -78,10 +78,7 @@ pub struct UnknownBackend(pub String);
 impl FromStr for BackendKind {
     type Err = UnknownBackend;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        BackendKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| UnknownBackend(s.to_string()))
+        BackendKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| UnknownBackend(s.to_string()))
     }
 }
 
@@ -258,9 +255,7 @@ impl Backing {
             }
         };
         if spec.prefault {
-            mapping
-                .populate_write()
-                .map_err(|source| BackendError::Prefault { kind: spec.kind, size, source })?;
+            mapping.populate_write().map_err(|source| BackendError::Prefault { kind: spec.kind, size, source })?;
         }
         Ok(Backing { spec: spec.clone(), mapping, fd })
     }

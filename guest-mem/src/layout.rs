@@ -218,9 +218,7 @@ impl MemoryLayout {
                         kind: E820Kind::Ram,
                     });
                 }
-            } else if let Some(last) = out.last_mut().filter(|e| {
-                e.kind == E820Kind::Ram && e.addr + e.size == r.gpa
-            }) {
+            } else if let Some(last) = out.last_mut().filter(|e| e.kind == E820Kind::Ram && e.addr + e.size == r.gpa) {
                 last.size += r.size;
             } else {
                 out.push(E820Entry { addr: r.gpa, size: r.size, kind: E820Kind::Ram });
@@ -271,10 +269,7 @@ mod tests {
     fn bad_sizes_are_refused() {
         assert_eq!(MemoryLayout::place(vec![]), Err(LayoutError::Empty));
         assert!(matches!(MemoryLayout::place(vec![zone(4096)]), Err(LayoutError::TooSmall { .. })));
-        assert!(matches!(
-            MemoryLayout::place(vec![zone(PAGE_2M + 4096)]),
-            Err(LayoutError::Unaligned { .. })
-        ));
+        assert!(matches!(MemoryLayout::place(vec![zone(PAGE_2M + 4096)]), Err(LayoutError::Unaligned { .. })));
         assert!(matches!(MemoryLayout::place(vec![zone(MAX_GPA)]), Err(LayoutError::TooLarge { .. })));
     }
 
@@ -284,7 +279,10 @@ mod tests {
         let e = l.e820();
         assert_eq!(e[0], E820Entry { addr: 0, size: EBDA_START, kind: E820Kind::Ram });
         assert_eq!(e[1].kind, E820Kind::Reserved);
-        assert_eq!(e[2], E820Entry { addr: HIGH_MEMORY_START, size: 3 * PAGE_1G - HIGH_MEMORY_START, kind: E820Kind::Ram });
+        assert_eq!(
+            e[2],
+            E820Entry { addr: HIGH_MEMORY_START, size: 3 * PAGE_1G - HIGH_MEMORY_START, kind: E820Kind::Ram }
+        );
         assert_eq!(e[3], E820Entry { addr: 4 * PAGE_1G, size: 2 * PAGE_1G, kind: E820Kind::Ram });
         assert!(e.iter().all(|x| !MemoryLayout::touches_hole(x.addr, x.size)));
     }

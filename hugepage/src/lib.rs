@@ -56,8 +56,7 @@ pub(crate) mod testutil {
         pub fn new(tag: &str) -> Self {
             static N: AtomicUsize = AtomicUsize::new(0);
             let n = N.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("hugepage-test-{tag}-{}-{n}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("hugepage-test-{tag}-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             TempTree(dir)

@@ -58,9 +58,7 @@ pub struct NumaNode {
 }
 
 fn range_err(text: &str) -> NumaError {
-    NumaError::RangeList {
-        text: text.chars().take(128).collect(),
-    }
+    NumaError::RangeList { text: text.chars().take(128).collect() }
 }
 
 /// Parses a kernel range list (`0-3,5,8-9`; empty or whitespace gives an empty list)
@@ -94,10 +92,7 @@ fn read_optional(path: &Path) -> Result<Option<String>, NumaError> {
     match std::fs::read_to_string(path) {
         Ok(t) => Ok(Some(t)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(NumaError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(NumaError::Io { path: path.to_path_buf(), source }),
     }
 }
 
@@ -137,23 +132,16 @@ pub fn nodes_at(root: &Path) -> Result<Vec<NumaNode>, NumaError> {
     for node in parse_range_list(&online)? {
         let nd = dir.join(format!("node{node}"));
         let (mem_total, mem_free) = match read_optional(&nd.join("meminfo"))? {
-            Some(text) => parse_node_meminfo(&text).map_err(|line| NumaError::Meminfo {
-                path: nd.join("meminfo"),
-                line,
-            })?,
+            Some(text) => {
+                parse_node_meminfo(&text).map_err(|line| NumaError::Meminfo { path: nd.join("meminfo"), line })?
+            }
             None => (None, None),
         };
         let cpus = match read_optional(&nd.join("cpulist"))? {
             Some(text) => parse_range_list(&text)?,
             None => Vec::new(),
         };
-        out.push(NumaNode {
-            node,
-            mem_total,
-            mem_free,
-            has_cpus: !cpus.is_empty(),
-            cpus,
-        });
+        out.push(NumaNode { node, mem_total, mem_free, has_cpus: !cpus.is_empty(), cpus });
     }
     Ok(out)
 }
@@ -181,10 +169,7 @@ mod tests {
     fn meminfo() {
         let text = "Node 0 MemTotal:        4810964 kB\nNode 0 MemFree:         3519820 kB\n\
                     Node 0 MemUsed:         1291144 kB\nNode 0 HugePages_Total:     0\n";
-        assert_eq!(
-            parse_node_meminfo(text).unwrap(),
-            (Some(4810964 * 1024), Some(3519820 * 1024))
-        );
+        assert_eq!(parse_node_meminfo(text).unwrap(), (Some(4810964 * 1024), Some(3519820 * 1024)));
         assert!(parse_node_meminfo("Node 0 MemTotal: x kB\n").is_err());
         assert_eq!(parse_node_meminfo("").unwrap(), (None, None));
     }
@@ -195,28 +180,16 @@ mod tests {
         let d = "devices/system/node";
         t.write(&format!("{d}/online"), "0-1,3\n");
         t.write(&format!("{d}/possible"), "0-3\n");
-        t.write(
-            &format!("{d}/node0/meminfo"),
-            "Node 0 MemTotal:  1024 kB\nNode 0 MemFree:  512 kB\n",
-        );
+        t.write(&format!("{d}/node0/meminfo"), "Node 0 MemTotal:  1024 kB\nNode 0 MemFree:  512 kB\n");
         t.write(&format!("{d}/node0/cpulist"), "0-1\n");
-        t.write(
-            &format!("{d}/node1/meminfo"),
-            "Node 1 MemTotal:  2048 kB\nNode 1 MemFree:  2048 kB\n",
-        );
+        t.write(&format!("{d}/node1/meminfo"), "Node 1 MemTotal:  2048 kB\nNode 1 MemFree:  2048 kB\n");
         t.write(&format!("{d}/node1/cpulist"), "\n");
         t.mkdir(&format!("{d}/node3"));
         let n = nodes_at(t.path()).unwrap();
         assert_eq!(n.len(), 3);
         assert_eq!(
             n[0],
-            NumaNode {
-                node: 0,
-                mem_total: Some(1 << 20),
-                mem_free: Some(512 << 10),
-                has_cpus: true,
-                cpus: vec![0, 1]
-            }
+            NumaNode { node: 0, mem_total: Some(1 << 20), mem_free: Some(512 << 10), has_cpus: true, cpus: vec![0, 1] }
         );
         assert!(!n[1].has_cpus);
         assert_eq!(n[1].mem_total, Some(2 << 20));
@@ -225,10 +198,7 @@ mod tests {
         assert!(!n[2].has_cpus);
 
         t.write(&format!("{d}/online"), "zero\n");
-        assert!(matches!(
-            nodes_at(t.path()),
-            Err(NumaError::RangeList { .. })
-        ));
+        assert!(matches!(nodes_at(t.path()), Err(NumaError::RangeList { .. })));
 
         let empty = TempTree::new("numa-none");
         assert!(nodes_at(empty.path()).unwrap().is_empty());

@@ -76,20 +76,14 @@ impl Pool {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PoolError + '_ {
-    move |source| PoolError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| PoolError::Io { path: path.to_path_buf(), source }
 }
 
 /// Reads a sysfs file holding one unsigned integer.
 fn read_u64(path: &Path) -> Result<u64, PoolError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let t = text.trim();
-    t.parse::<u64>().map_err(|_| PoolError::Parse {
-        path: path.to_path_buf(),
-        value: t.chars().take(64).collect(),
-    })
+    t.parse::<u64>().map_err(|_| PoolError::Parse { path: path.to_path_buf(), value: t.chars().take(64).collect() })
 }
 
 fn pools_dir(root: &Path) -> PathBuf {
@@ -110,10 +104,7 @@ pub(crate) fn node_dirs(root: &Path) -> Result<Vec<(u32, PathBuf)>, io::Error> {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(id) = name
-            .strip_prefix("node")
-            .and_then(|n| n.parse::<u32>().ok())
-        {
+        if let Some(id) = name.strip_prefix("node").and_then(|n| n.parse::<u32>().ok()) {
             nodes.push((id, entry.path()));
         }
     }
@@ -170,10 +161,7 @@ pub fn pools_at(root: &Path) -> Result<Vec<Pool>, PoolError> {
         }
     }
     sizes.sort_by_key(|(s, _)| *s);
-    sizes
-        .into_iter()
-        .map(|(size, path)| read_pool(root, &path, size))
-        .collect()
+    sizes.into_iter().map(|(size, path)| read_pool(root, &path, size)).collect()
 }
 
 /// The hugetlb pool of one page size (bytes), or [`PoolError::NoSuchPool`].
@@ -251,15 +239,7 @@ mod tests {
         assert_eq!((p.total, p.free, p.reserved, p.surplus), (128, 100, 10, 0));
         assert_eq!(p.available(), 90);
         assert_eq!(p.per_node.len(), 2);
-        assert_eq!(
-            p.per_node[1],
-            NodePool {
-                node: 1,
-                total: 64,
-                free: 50,
-                surplus: 0
-            }
-        );
+        assert_eq!(p.per_node[1], NodePool { node: 1, total: 64, free: 50, surplus: 0 });
         assert_eq!(pools[1].page_size, 1 << 30);
         assert!(pools[1].per_node.is_empty());
         assert_eq!(pool_at(t.path(), 2 << 20).unwrap(), pools[0]);
@@ -269,30 +249,20 @@ mod tests {
     fn missing_tree_is_empty() {
         let t = TempTree::new("pools-empty");
         assert!(pools_at(t.path()).unwrap().is_empty());
-        assert!(matches!(
-            pool_at(t.path(), 2 << 20),
-            Err(PoolError::NoSuchPool { .. })
-        ));
+        assert!(matches!(pool_at(t.path(), 2 << 20), Err(PoolError::NoSuchPool { .. })));
     }
 
     #[test]
     fn garbage_is_an_error() {
         let t = fixture();
-        t.write(
-            "kernel/mm/hugepages/hugepages-2048kB/free_hugepages",
-            "lots\n",
-        );
+        t.write("kernel/mm/hugepages/hugepages-2048kB/free_hugepages", "lots\n");
         match pools_at(t.path()) {
             Err(PoolError::Parse { value, .. }) => assert_eq!(value, "lots"),
             other => panic!("unexpected {other:?}"),
         }
         t.write("kernel/mm/hugepages/hugepages-2048kB/free_hugepages", "-1");
         assert!(pools_at(t.path()).is_err());
-        std::fs::remove_file(
-            t.path()
-                .join("kernel/mm/hugepages/hugepages-2048kB/free_hugepages"),
-        )
-        .unwrap();
+        std::fs::remove_file(t.path().join("kernel/mm/hugepages/hugepages-2048kB/free_hugepages")).unwrap();
         assert!(matches!(pools_at(t.path()), Err(PoolError::Io { .. })));
     }
 
@@ -300,19 +270,10 @@ mod tests {
     fn set_size_writes_nr_hugepages() {
         let t = fixture();
         assert_eq!(set_pool_size_at(t.path(), 1 << 30, 4).unwrap(), 4);
-        let text = std::fs::read_to_string(
-            t.path()
-                .join("kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"),
-        )
-        .unwrap();
+        let text =
+            std::fs::read_to_string(t.path().join("kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages")).unwrap();
         assert_eq!(text, "4\n");
-        assert!(matches!(
-            set_pool_size_at(t.path(), 64 * 1024, 1),
-            Err(PoolError::NoSuchPool { page_size: 65536 })
-        ));
-        assert!(matches!(
-            set_pool_size_at(t.path(), 0, 1),
-            Err(PoolError::NoSuchPool { .. })
-        ));
+        assert!(matches!(set_pool_size_at(t.path(), 64 * 1024, 1), Err(PoolError::NoSuchPool { page_size: 65536 })));
+        assert!(matches!(set_pool_size_at(t.path(), 0, 1), Err(PoolError::NoSuchPool { .. })));
     }
 }

@@ -92,10 +92,7 @@ pub struct HugeCoverage {
 impl HugeCoverage {
     /// Bytes backed by huge pages: anon THP + shmem PMD + file PMD + hugetlb.
     pub fn huge_bytes(&self) -> u64 {
-        self.anon_huge
-            .saturating_add(self.shmem_pmd)
-            .saturating_add(self.file_pmd)
-            .saturating_add(self.hugetlb)
+        self.anon_huge.saturating_add(self.shmem_pmd).saturating_add(self.file_pmd).saturating_add(self.hugetlb)
     }
 
     /// Resident bytes: `Rss` plus hugetlb (which `Rss` leaves out).
@@ -108,10 +105,7 @@ impl HugeCoverage {
         self.anon_huge = self.anon_huge.saturating_add(m.anon_huge);
         self.shmem_pmd = self.shmem_pmd.saturating_add(m.shmem_pmd);
         self.file_pmd = self.file_pmd.saturating_add(m.file_pmd);
-        self.hugetlb = self
-            .hugetlb
-            .saturating_add(m.private_hugetlb)
-            .saturating_add(m.shared_hugetlb);
+        self.hugetlb = self.hugetlb.saturating_add(m.private_hugetlb).saturating_add(m.shared_hugetlb);
         self.kernel_page_size = self.kernel_page_size.max(m.kernel_page_size);
         self.mappings += 1;
         if partial {
@@ -121,10 +115,7 @@ impl HugeCoverage {
 }
 
 fn malformed(line: usize, text: &str) -> SmapsError {
-    SmapsError::Malformed {
-        line,
-        text: text.chars().take(128).collect(),
-    }
+    SmapsError::Malformed { line, text: text.chars().take(128).collect() }
 }
 
 /// Parses a mapping header line (`start-end perms offset dev inode [name]`);
@@ -153,13 +144,7 @@ fn parse_header(line: &str) -> Option<Result<SmapsMapping, ()>> {
         }
     }
     let name = it.collect::<Vec<_>>().join(" ");
-    Some(Ok(SmapsMapping {
-        start,
-        end,
-        perms,
-        name,
-        ..Default::default()
-    }))
+    Some(Ok(SmapsMapping { start, end, perms, name, ..Default::default() }))
 }
 
 /// Parses `<value> kB` into bytes.
@@ -227,10 +212,7 @@ pub fn coverage(text: &str, start: u64, end: u64) -> Result<HugeCoverage, SmapsE
 
 /// Reads an smaps file (e.g. `/proc/<pid>/smaps`) and sums the coverage of `[start, end)`.
 pub fn coverage_from_file(path: &Path, start: u64, end: u64) -> Result<HugeCoverage, SmapsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SmapsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| SmapsError::Io { path: path.to_path_buf(), source })?;
     coverage(&text, start, end)
 }
 
@@ -338,10 +320,7 @@ THPeligible:           0
             parse("zz-10 rw-p 0 0 0\n"),
             Ok(v) if v.is_empty()
         ));
-        assert!(matches!(
-            parse("1000-zz rw-p 0 0 0\n"),
-            Err(SmapsError::Malformed { line: 1, .. })
-        ));
+        assert!(matches!(parse("1000-zz rw-p 0 0 0\n"), Err(SmapsError::Malformed { line: 1, .. })));
         assert!(parse("2000-1000 rw-p 0 0:0 0\n").is_err());
         assert!(parse("1000-2000 rw-p\n").is_err());
         assert!(parse("1000-2000 rw-p 0 0:0 0\nRss: lots kB\n").is_err());

@@ -137,13 +137,7 @@ impl ShmemEnabled {
     /// (`within_size` does if the region lies inside the file size; `Inherit` must be
     /// resolved first and gives `false`).
     pub fn honours_madvise(self) -> bool {
-        matches!(
-            self,
-            ShmemEnabled::Always
-                | ShmemEnabled::WithinSize
-                | ShmemEnabled::Advise
-                | ShmemEnabled::Force
-        )
+        matches!(self, ShmemEnabled::Always | ShmemEnabled::WithinSize | ShmemEnabled::Advise | ShmemEnabled::Force)
     }
 }
 
@@ -224,19 +218,11 @@ fn read_setting<T: FromStr>(path: &Path) -> Result<Option<T>, ThpError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(ThpError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return Err(ThpError::Io { path: path.to_path_buf(), source }),
     };
     parse_setting(&text)
         .map(Some)
-        .ok_or_else(|| ThpError::Parse {
-            path: path.to_path_buf(),
-            text: text.trim().chars().take(128).collect(),
-        })
+        .ok_or_else(|| ThpError::Parse { path: path.to_path_buf(), text: text.trim().chars().take(128).collect() })
 }
 
 /// Reads `hpage_pmd_size`: `Ok(None)` if missing, an error if not an integer.
@@ -246,15 +232,9 @@ fn read_pmd_size(path: &Path) -> Result<Option<u64>, ThpError> {
             .trim()
             .parse::<u64>()
             .map(Some)
-            .map_err(|_| ThpError::Parse {
-                path: path.to_path_buf(),
-                text: t.trim().chars().take(128).collect(),
-            }),
+            .map_err(|_| ThpError::Parse { path: path.to_path_buf(), text: t.trim().chars().take(128).collect() }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(ThpError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(ThpError::Io { path: path.to_path_buf(), source }),
     }
 }
 
@@ -280,10 +260,7 @@ pub fn thp_at(root: &Path) -> Result<ThpSettings, ThpError> {
         Err(source) => return Err(ThpError::Io { path: dir, source }),
     };
     for entry in entries {
-        let entry = entry.map_err(|source| ThpError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        let entry = entry.map_err(|source| ThpError::Io { path: dir.clone(), source })?;
         let name = entry.file_name();
         let Some(page_size) = name.to_str().and_then(parse_size_dir) else {
             continue;
@@ -326,10 +303,7 @@ mod tests {
             Some(ShmemEnabled::Inherit)
         );
         assert_eq!(parse_setting::<ThpEnabled>("[sometimes] never"), None);
-        assert_eq!(
-            "defer+madvise".parse::<ThpDefrag>().unwrap(),
-            ThpDefrag::DeferMadvise
-        );
+        assert_eq!("defer+madvise".parse::<ThpDefrag>().unwrap(), ThpDefrag::DeferMadvise);
         assert!(matches!(
             "maybe".parse::<ThpEnabled>(),
             Err(ThpError::UnknownValue(v)) if v == "maybe"
@@ -340,37 +314,16 @@ mod tests {
     fn fixture() -> TempTree {
         let t = TempTree::new("thp");
         t.write(&format!("{D}/enabled"), "always [madvise] never\n");
-        t.write(
-            &format!("{D}/defrag"),
-            "always defer defer+madvise [madvise] never\n",
-        );
-        t.write(
-            &format!("{D}/shmem_enabled"),
-            "always within_size advise [never] deny force\n",
-        );
+        t.write(&format!("{D}/defrag"), "always defer defer+madvise [madvise] never\n");
+        t.write(&format!("{D}/shmem_enabled"), "always within_size advise [never] deny force\n");
         t.write(&format!("{D}/hpage_pmd_size"), "2097152\n");
         t.write(&format!("{D}/use_zero_page"), "1\n");
         t.mkdir(&format!("{D}/khugepaged"));
-        t.write(
-            &format!("{D}/hugepages-2048kB/enabled"),
-            "always [inherit] madvise never\n",
-        );
-        t.write(
-            &format!("{D}/hugepages-2048kB/shmem_enabled"),
-            "always [inherit] within_size advise never\n",
-        );
-        t.write(
-            &format!("{D}/hugepages-64kB/enabled"),
-            "always inherit [madvise] never\n",
-        );
-        t.write(
-            &format!("{D}/hugepages-64kB/shmem_enabled"),
-            "always inherit within_size [advise] never\n",
-        );
-        t.write(
-            &format!("{D}/hugepages-16kB/enabled"),
-            "always inherit madvise [never]\n",
-        );
+        t.write(&format!("{D}/hugepages-2048kB/enabled"), "always [inherit] madvise never\n");
+        t.write(&format!("{D}/hugepages-2048kB/shmem_enabled"), "always [inherit] within_size advise never\n");
+        t.write(&format!("{D}/hugepages-64kB/enabled"), "always inherit [madvise] never\n");
+        t.write(&format!("{D}/hugepages-64kB/shmem_enabled"), "always inherit within_size [advise] never\n");
+        t.write(&format!("{D}/hugepages-16kB/enabled"), "always inherit madvise [never]\n");
         t
     }
 
@@ -433,9 +386,6 @@ mod tests {
         assert!(j.contains(r#""enabled":"inherit""#), "{j}");
         let back: ThpSettings = serde_json::from_str(&j).unwrap();
         assert_eq!(back, s);
-        assert_eq!(
-            serde_json::to_string(&ThpDefrag::DeferMadvise).unwrap(),
-            r#""defer+madvise""#
-        );
+        assert_eq!(serde_json::to_string(&ThpDefrag::DeferMadvise).unwrap(), r#""defer+madvise""#);
     }
 }

@@ -47,8 +47,7 @@ if [ -f "$out/PACKAGE" ] && [ "$(cat "$out/PACKAGE")" = "$want" ] \
     exit 0
 fi
 
-# Tool for each compression a bzImage payload may use: magic bytes (hex), package,
-# decompress command, and whether the kernel build appended a 4-byte size (all but gzip).
+# Installs Debian package $2 when command $1 is missing.
 need_tool() { # command package
     command -v "$1" >/dev/null 2>&1 && return 0
     log "installing $2 for $1"
@@ -60,7 +59,8 @@ need_tool od coreutils
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-chmod 755 "$tmp" # apt-get download runs as _apt and writes here
+# apt-get download fetches as the _apt user, which must be able to write here.
+if id _apt >/dev/null 2>&1; then chown _apt "$tmp"; fi
 
 log "downloading $want"
 (cd "$tmp" && apt-get download -qq "$pkg=$version") || die "apt-get download $pkg failed"

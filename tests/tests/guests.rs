@@ -64,7 +64,12 @@ fn memtest(backend: &str, vcpus: u32, size: &str) {
     assert_eq!(m.vcpus, u64::from(vcpus));
     let listed: u64 = m.ranges.iter().map(|r| r.1).sum();
     assert_eq!(m.bytes, listed, "memtest checked every free byte");
-    let total = out.stats.as_ref().unwrap()["memory"].as_array().unwrap().iter().map(|r| r["size"].as_u64().unwrap()).sum::<u64>();
+    let total = out.stats.as_ref().unwrap()["memory"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["size"].as_u64().unwrap())
+        .sum::<u64>();
     assert!(m.bytes + (8 << 20) >= total, "free RAM is all RAM but the first few MiB: {} of {total}", m.bytes);
     assert_eq!(m.checksum, memtest_expected_checksum(&m.ranges), "guest checksum");
     let stats = out.stats.expect("stats json");

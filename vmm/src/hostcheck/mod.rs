@@ -29,11 +29,7 @@ pub enum HostCheckError {
 /// Unreadable sections do not fail the call: they are left empty and listed in
 /// [`HostReport::errors`] (KVM being unavailable shows as `kvm.available == false`).
 pub fn report(probe: Option<ProbeResult>) -> Result<HostReport, HostCheckError> {
-    Ok(gather(
-        Path::new(hugepage::SYSFS_ROOT),
-        kvm_info(),
-        probe.as_ref(),
-    ))
+    Ok(gather(Path::new(hugepage::SYSFS_ROOT), kvm_info(), probe.as_ref()))
 }
 
 /// Runs `host-check`: the text to print, a table or (with `json`) pretty JSON.

@@ -26,13 +26,7 @@ pub fn native_kernel_mode(p: &ProbeResult) -> bool {
         return false;
     }
     match p.cpl0_us {
-        Some(cpl0) => {
-            cpl0 <= p
-                .cpl3_us
-                .unwrap_or(0)
-                .saturating_mul(5)
-                .saturating_add(2000)
-        }
+        Some(cpl0) => cpl0 <= p.cpl3_us.unwrap_or(0).saturating_mul(5).saturating_add(2000),
         None => false,
     }
 }
@@ -42,12 +36,7 @@ mod tests {
     use super::*;
 
     fn p(cpl3: Option<u64>, cpl0: Option<u64>, timed_out: bool) -> ProbeResult {
-        ProbeResult {
-            cpl3_us: cpl3,
-            cpl0_us: cpl0,
-            timed_out,
-            error: None,
-        }
+        ProbeResult { cpl3_us: cpl3, cpl0_us: cpl0, timed_out, error: None }
     }
 
     #[test]
@@ -59,11 +48,7 @@ mod tests {
         assert!(!native_kernel_mode(&p(Some(60), None, false)));
         assert!(!native_kernel_mode(&p(Some(60), Some(10), true)));
         assert!(native_kernel_mode(&p(None, Some(1500), false)));
-        assert!(native_kernel_mode(&p(
-            Some(u64::MAX),
-            Some(u64::MAX),
-            false
-        )));
+        assert!(native_kernel_mode(&p(Some(u64::MAX), Some(u64::MAX), false)));
         assert!(!native_kernel_mode(&ProbeResult::default()));
     }
 }

@@ -6,8 +6,7 @@ use hugepage::{page_size_label, ShmemEnabled, ThpDefrag, ThpEnabled};
 use super::report::HostReport;
 use super::HostCheckError;
 use crate::kvm::caps::{
-    GUEST_MEMFD_FLAG_MMAP, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_X86_SW_PROTECTED_VM,
+    GUEST_MEMFD_FLAG_MMAP, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SW_PROTECTED_VM,
 };
 
 const THP_DIR: &str = "/sys/kernel/mm/transparent_hugepage";
@@ -32,12 +31,7 @@ impl Row {
         value: impl Into<String>,
         meaning: impl Into<String>,
     ) -> Row {
-        Row {
-            section,
-            item: item.into(),
-            value: value.into(),
-            meaning: meaning.into(),
-        }
+        Row { section, item: item.into(), value: value.into(), meaning: meaning.into() }
     }
 
     /// The row as one line: `item: value -> meaning`.
@@ -81,11 +75,7 @@ fn range_list(ids: &[u32]) -> String {
             i += 1;
             end = ids[i];
         }
-        out.push(if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        });
+        out.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
         i += 1;
     }
     out.join(",")
@@ -95,12 +85,7 @@ fn kvm_rows(r: &HostReport, rows: &mut Vec<Row>) {
     let k = &r.kvm;
     if !k.available {
         let why = k.error.as_deref().unwrap_or("unknown reason");
-        rows.push(Row::new(
-            "kvm",
-            "/dev/kvm",
-            "unavailable",
-            format!("Mosaic cannot run VMs here ({why})"),
-        ));
+        rows.push(Row::new("kvm", "/dev/kvm", "unavailable", format!("Mosaic cannot run VMs here ({why})")));
         return;
     }
     rows.push(Row::new(
@@ -110,10 +95,7 @@ fn kvm_rows(r: &HostReport, rows: &mut Vec<Row>) {
         if k.api_version == 12 {
             "KVM usable".to_string()
         } else {
-            format!(
-                "unexpected API version {} (Mosaic expects 12)",
-                k.api_version
-            )
+            format!("unexpected API version {} (Mosaic expects 12)", k.api_version)
         },
     ));
     let c = &k.caps;
@@ -125,22 +107,11 @@ fn kvm_rows(r: &HostReport, rows: &mut Vec<Row>) {
     } else if !c.user_memory2 {
         ("yes", "backend=gmem unavailable: no USER_MEMORY2")
     } else if c.guest_memfd_flags & GUEST_MEMFD_FLAG_MMAP != 0 {
-        (
-            "MMAP only",
-            "backend=gmem unavailable: memory would start private, host access faults",
-        )
+        ("MMAP only", "backend=gmem unavailable: memory would start private, host access faults")
     } else {
-        (
-            "no",
-            "backend=gmem unavailable: guest_memfd cannot be mmap()ed",
-        )
+        ("no", "backend=gmem unavailable: guest_memfd cannot be mmap()ed")
     };
-    rows.push(Row::new(
-        "kvm",
-        "guest_memfd MMAP|INIT_SHARED",
-        value,
-        meaning,
-    ));
+    rows.push(Row::new("kvm", "guest_memfd MMAP|INIT_SHARED", value, meaning));
     rows.push(Row::new(
         "kvm",
         "USER_MEMORY2",
@@ -171,11 +142,7 @@ fn kvm_rows(r: &HostReport, rows: &mut Vec<Row>) {
     const VM_TYPE_NAMES: [&str; 6] = ["default", "sw_protected", "sev", "sev_es", "snp", "tdx"];
     let mut types: Vec<String> = (0..64u32)
         .filter(|&t| c.vm_type(t))
-        .map(|t| {
-            VM_TYPE_NAMES
-                .get(t as usize)
-                .map_or_else(|| format!("type{t}"), |n| n.to_string())
-        })
+        .map(|t| VM_TYPE_NAMES.get(t as usize).map_or_else(|| format!("type{t}"), |n| n.to_string()))
         .collect();
     if types.is_empty() {
         types.push("default (cap absent)".to_string());
@@ -200,8 +167,7 @@ fn kvm_rows(r: &HostReport, rows: &mut Vec<Row>) {
     let hc_meaning = if !c.map_gpa_range_exit() {
         "no guest-requested conversions: only the VMM converts private/shared".to_string()
     } else if r.kernel_mode.probed && !r.kernel_mode.native {
-        "KVM_HC_MAP_GPA_RANGE exits exist but need CPL0 guest code, which is emulated here"
-            .to_string()
+        "KVM_HC_MAP_GPA_RANGE exits exist but need CPL0 guest code, which is emulated here".to_string()
     } else {
         "guest can request private/shared conversion (KVM_HC_MAP_GPA_RANGE, from CPL0)".to_string()
     };
@@ -219,11 +185,7 @@ fn kvm_rows(r: &HostReport, rows: &mut Vec<Row>) {
     rows.push(Row::new(
         "kvm",
         "dirty log ring",
-        if c.dirty_log_ring == 0 {
-            "no".to_string()
-        } else {
-            format!("up to {}", human_bytes(c.dirty_log_ring))
-        },
+        if c.dirty_log_ring == 0 { "no".to_string() } else { format!("up to {}", human_bytes(c.dirty_log_ring)) },
         if c.dirty_log_ring == 0 {
             "dirty tracking via KVM_GET_DIRTY_LOG bitmap only"
         } else {
@@ -249,14 +211,10 @@ fn kernel_rows(r: &HostReport, rows: &mut Vec<Row>) {
     let (value, meaning) = if !k.probed {
         (
             "unknown (not probed)".to_string(),
-            "assume guest programs at CPL3 only; run the probe to know whether Linux guests can run"
-                .to_string(),
+            "assume guest programs at CPL3 only; run the probe to know whether Linux guests can run".to_string(),
         )
     } else if k.native {
-        (
-            format!("native{timing}"),
-            "Linux guests and CPL0 hypercall exits available".to_string(),
-        )
+        (format!("native{timing}"), "Linux guests and CPL0 hypercall exits available".to_string())
     } else if k.cpl0_us.is_none() && !k.timed_out {
         let why = k.error.as_deref().unwrap_or("no result");
         (
@@ -264,15 +222,10 @@ fn kernel_rows(r: &HostReport, rows: &mut Vec<Row>) {
             "treated as emulated: Linux guests and CPL0 hypercall exits unavailable".to_string(),
         )
     } else {
-        let t = if k.timed_out {
-            " (CPL0 probe timed out)".to_string()
-        } else {
-            timing
-        };
+        let t = if k.timed_out { " (CPL0 probe timed out)".to_string() } else { timing };
         (
             format!("emulated{t}"),
-            "Linux guests and CPL0 hypercall exits unavailable; guest programs run at CPL3"
-                .to_string(),
+            "Linux guests and CPL0 hypercall exits unavailable; guest programs run at CPL3".to_string(),
         )
     };
     rows.push(Row::new("kernel", "kernel-mode code", value, meaning));
@@ -300,10 +253,7 @@ fn hugetlb_rows(r: &HostReport, rows: &mut Vec<Row>) {
     }
     for p in &r.hugepages {
         let label = page_size_label(p.page_size);
-        let path = format!(
-            "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages",
-            p.page_size / 1024
-        );
+        let path = format!("/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages", p.page_size / 1024);
         let available = p.free.saturating_sub(p.reserved);
         let meaning = if p.total == 0 {
             format!("hugetlb {label} needs: echo N > {path}")
@@ -319,10 +269,7 @@ fn hugetlb_rows(r: &HostReport, rows: &mut Vec<Row>) {
         rows.push(Row::new(
             "hugetlb",
             format!("{label} pool"),
-            format!(
-                "{} total, {} free, {} reserved",
-                p.total, p.free, p.reserved
-            ),
+            format!("{} total, {} free, {} reserved", p.total, p.free, p.reserved),
             meaning,
         ));
     }
@@ -340,10 +287,7 @@ fn thp_rows(r: &HostReport, rows: &mut Vec<Row>) {
 
     // Anonymous THP.
     let mut value = opt(t.enabled);
-    if let Some(v) = pmd_entry
-        .and_then(|s| s.enabled)
-        .filter(|&v| v != ThpEnabled::Inherit)
-    {
+    if let Some(v) = pmd_entry.and_then(|s| s.enabled).filter(|&v| v != ThpEnabled::Inherit) {
         value.push_str(&format!(" ({pmd_label}: {v})"));
     }
     let meaning = match t.effective_enabled(pmd) {
@@ -366,10 +310,7 @@ fn thp_rows(r: &HostReport, rows: &mut Vec<Row>) {
 
     // shmem / memfd THP.
     let mut value = opt(t.shmem_enabled);
-    if let Some(v) = pmd_entry
-        .and_then(|s| s.shmem_enabled)
-        .filter(|&v| v != ShmemEnabled::Inherit)
-    {
+    if let Some(v) = pmd_entry.and_then(|s| s.shmem_enabled).filter(|&v| v != ShmemEnabled::Inherit) {
         value.push_str(&format!(" ({pmd_label}: {v})"));
     }
     let meaning = match t.effective_shmem(pmd) {
@@ -389,18 +330,13 @@ fn thp_rows(r: &HostReport, rows: &mut Vec<Row>) {
             .filter(|s| s.page_size < pmd)
             .filter_map(|s| {
                 let v = t.effective_enabled(s.page_size)?;
-                v.honours_madvise()
-                    .then(|| format!("{} {v}", page_size_label(s.page_size)))
+                v.honours_madvise().then(|| format!("{} {v}", page_size_label(s.page_size)))
             })
             .collect();
         rows.push(Row::new(
             "thp",
             "anon mTHP < PMD",
-            if on.is_empty() {
-                "none".to_string()
-            } else {
-                on.join(", ")
-            },
+            if on.is_empty() { "none".to_string() } else { on.join(", ") },
             format!("KVM maps 4K or {pmd_label}: smaller folios do not help guests"),
         ));
     }
@@ -418,11 +354,7 @@ fn numa_rows(r: &HostReport, rows: &mut Vec<Row>) {
         }
         _ => "multi-node: NUMA placement available".to_string(),
     };
-    let value = if n.is_empty() {
-        "none".to_string()
-    } else {
-        format!("{} ({})", n.len(), names.join(", "))
-    };
+    let value = if n.is_empty() { "none".to_string() } else { format!("{} ({})", n.len(), names.join(", ")) };
     rows.push(Row::new("numa", "NUMA nodes", value, meaning));
     for node in n {
         let mem = match (node.mem_total, node.mem_free) {
@@ -430,11 +362,7 @@ fn numa_rows(r: &HostReport, rows: &mut Vec<Row>) {
             (Some(t), None) => format!("{} total", human_bytes(t)),
             _ => "memory unknown".to_string(),
         };
-        let cpus = if node.has_cpus {
-            format!("cpus {}", range_list(&node.cpus))
-        } else {
-            "no CPUs".to_string()
-        };
+        let cpus = if node.has_cpus { format!("cpus {}", range_list(&node.cpus)) } else { "no CPUs".to_string() };
         rows.push(Row::new(
             "numa",
             format!("node{}", node.node),
@@ -464,18 +392,8 @@ pub fn rows(r: &HostReport) -> Vec<Row> {
 pub fn render_text(r: &HostReport) -> String {
     let rows = rows(r);
     let head = ("ITEM", "VALUE", "MEANING FOR MOSAIC");
-    let wi = rows
-        .iter()
-        .map(|r| r.item.chars().count())
-        .chain([head.0.len()])
-        .max()
-        .unwrap_or(0);
-    let wv = rows
-        .iter()
-        .map(|r| r.value.chars().count())
-        .chain([head.1.len()])
-        .max()
-        .unwrap_or(0);
+    let wi = rows.iter().map(|r| r.item.chars().count()).chain([head.0.len()]).max().unwrap_or(0);
+    let wv = rows.iter().map(|r| r.value.chars().count()).chain([head.1.len()]).max().unwrap_or(0);
     let mut out = format!("{:wi$}  {:wv$}  {}\n", head.0, head.1, head.2);
     let mut section = None;
     for row in &rows {
@@ -483,10 +401,7 @@ pub fn render_text(r: &HostReport) -> String {
             out.push('\n');
         }
         section = Some(row.section);
-        out.push_str(&format!(
-            "{:wi$}  {:wv$}  {}\n",
-            row.item, row.value, row.meaning
-        ));
+        out.push_str(&format!("{:wi$}  {:wv$}  {}\n", row.item, row.value, row.meaning));
     }
     if !r.errors.is_empty() {
         out.push_str("\nerrors:\n");

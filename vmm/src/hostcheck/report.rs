@@ -55,10 +55,7 @@ impl KernelMode {
                 error: p.error.clone(),
                 kvm_pvm,
             },
-            None => KernelMode {
-                kvm_pvm,
-                ..Default::default()
-            },
+            None => KernelMode { kvm_pvm, ..Default::default() },
         }
     }
 }
@@ -80,13 +77,7 @@ pub struct HugePool {
 
 impl From<&hugepage::Pool> for HugePool {
     fn from(p: &hugepage::Pool) -> Self {
-        HugePool {
-            page_size: p.page_size,
-            total: p.total,
-            free: p.free,
-            reserved: p.reserved,
-            surplus: p.surplus,
-        }
+        HugePool { page_size: p.page_size, total: p.total, free: p.free, reserved: p.reserved, surplus: p.surplus }
     }
 }
 
@@ -112,10 +103,7 @@ pub struct HostReport {
 impl HostReport {
     /// Recomputes [`HostReport::implications`] from the other fields.
     pub fn with_implications(mut self) -> HostReport {
-        self.implications = render::rows(&self)
-            .iter()
-            .map(render::Row::implication)
-            .collect();
+        self.implications = render::rows(&self).iter().map(render::Row::implication).collect();
         self
     }
 }
@@ -124,21 +112,11 @@ impl HostReport {
 pub fn kvm_info() -> KvmInfo {
     let kvm = match Kvm::new() {
         Ok(k) => k,
-        Err(e) => {
-            return KvmInfo {
-                error: Some(format!("cannot open /dev/kvm: {e}")),
-                ..Default::default()
-            }
-        }
+        Err(e) => return KvmInfo { error: Some(format!("cannot open /dev/kvm: {e}")), ..Default::default() },
     };
     let api_version = kvm.get_api_version();
     match kvm.create_vm() {
-        Ok(vm) => KvmInfo {
-            available: true,
-            api_version,
-            caps: Caps::read(&kvm, Some(&vm)),
-            error: None,
-        },
+        Ok(vm) => KvmInfo { available: true, api_version, caps: Caps::read(&kvm, Some(&vm)), error: None },
         Err(e) => KvmInfo {
             available: false,
             api_version,

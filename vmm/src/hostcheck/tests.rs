@@ -31,26 +31,12 @@ fn pvm_host() -> HostReport {
             error: None,
         },
         kernel_mode: KernelMode::new(
-            Some(&ProbeResult {
-                cpl3_us: Some(70),
-                cpl0_us: None,
-                timed_out: true,
-                error: None,
-            }),
+            Some(&ProbeResult { cpl3_us: Some(70), cpl0_us: None, timed_out: true, error: None }),
             true,
         ),
         hugepages: vec![
-            HugePool {
-                page_size: 2 << 20,
-                ..Default::default()
-            },
-            HugePool {
-                page_size: 1 << 30,
-                total: 2,
-                free: 2,
-                reserved: 1,
-                surplus: 0,
-            },
+            HugePool { page_size: 2 << 20, ..Default::default() },
+            HugePool { page_size: 1 << 30, total: 2, free: 2, reserved: 1, surplus: 0 },
         ],
         thp: ThpSettings {
             enabled: Some(ThpEnabled::Madvise),
@@ -84,9 +70,7 @@ fn pvm_host() -> HostReport {
 }
 
 fn line<'a>(text: &'a str, item: &str) -> &'a str {
-    text.lines()
-        .find(|l| l.starts_with(item))
-        .unwrap_or_else(|| panic!("no line for {item} in\n{text}"))
+    text.lines().find(|l| l.starts_with(item)).unwrap_or_else(|| panic!("no line for {item} in\n{text}"))
 }
 
 #[test]
@@ -96,24 +80,17 @@ fn text_table_for_pvm_host() {
     println!("{t}");
     assert!(t.starts_with("ITEM"));
     let gm = line(&t, "guest_memfd MMAP|INIT_SHARED");
-    assert!(
-        gm.contains("yes") && gm.ends_with("backend=gmem available"),
-        "{gm}"
-    );
+    assert!(gm.contains("yes") && gm.ends_with("backend=gmem available"), "{gm}");
     assert!(line(&t, "memory attributes").ends_with("private memory: userspace-enforced only"));
     let km = line(&t, "kernel-mode code");
     assert!(km.contains("emulated (CPL0 probe timed out)"), "{km}");
-    assert!(km.ends_with(
-        "Linux guests and CPL0 hypercall exits unavailable; guest programs run at CPL3"
-    ));
+    assert!(km.ends_with("Linux guests and CPL0 hypercall exits unavailable; guest programs run at CPL3"));
     assert!(line(&t, "EXIT_HYPERCALL").contains("MAP_GPA_RANGE"));
     assert!(line(&t, "EXIT_HYPERCALL").contains("emulated here"));
     assert!(line(&t, "kvm_pvm module").contains("loaded"));
     let p2 = line(&t, "2M pool");
     assert!(p2.contains("0 total, 0 free, 0 reserved"), "{p2}");
-    assert!(p2.ends_with(
-        "hugetlb 2M needs: echo N > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
-    ));
+    assert!(p2.ends_with("hugetlb 2M needs: echo N > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"));
     assert!(line(&t, "1G pool").contains("up to 1 GiB (1 page) free"));
     let sh = line(&t, "shmem THP");
     assert!(sh.contains("never") && sh.ends_with("thp shared=on needs shmem_enabled=advise"));
@@ -141,12 +118,8 @@ fn text_table_for_pvm_host() {
 fn implications_match_rows() {
     let r = pvm_host();
     assert_eq!(r.implications.len(), rows(&r).len());
-    assert!(r
-        .implications
-        .contains(&"guest_memfd MMAP|INIT_SHARED: yes -> backend=gmem available".to_string()));
-    assert!(r
-        .implications
-        .contains(&"shmem THP: never -> thp shared=on needs shmem_enabled=advise".to_string()));
+    assert!(r.implications.contains(&"guest_memfd MMAP|INIT_SHARED: yes -> backend=gmem available".to_string()));
+    assert!(r.implications.contains(&"shmem THP: never -> thp shared=on needs shmem_enabled=advise".to_string()));
 }
 
 #[test]
@@ -183,12 +156,7 @@ fn native_host_and_capable_kvm() {
     r.kvm.caps.memory_attributes = 8;
     r.kvm.caps.vm_types = 0b11;
     r.kernel_mode = KernelMode::new(
-        Some(&ProbeResult {
-            cpl3_us: Some(50),
-            cpl0_us: Some(60),
-            timed_out: false,
-            error: None,
-        }),
+        Some(&ProbeResult { cpl3_us: Some(50), cpl0_us: Some(60), timed_out: false, error: None }),
         false,
     );
     r.thp.shmem_enabled = Some(ShmemEnabled::Advise);
@@ -197,9 +165,7 @@ fn native_host_and_capable_kvm() {
     let r = r.with_implications();
     let t = render_text(&r);
     assert!(line(&t, "kernel-mode code").contains("native (cpl3 50 us, cpl0 60 us)"));
-    assert!(
-        line(&t, "kernel-mode code").ends_with("Linux guests and CPL0 hypercall exits available")
-    );
+    assert!(line(&t, "kernel-mode code").ends_with("Linux guests and CPL0 hypercall exits available"));
     assert!(line(&t, "memory attributes").contains("PRIVATE"));
     assert!(line(&t, "memory attributes").ends_with("KVM-enforced (KVM_SET_MEMORY_ATTRIBUTES)"));
     assert!(line(&t, "VM types").contains("default, sw_protected"));
@@ -245,9 +211,7 @@ fn degraded_hosts() {
         true,
     );
     let t = render_text(&r.with_implications());
-    assert!(
-        line(&t, "kernel-mode code").contains("unknown (probe failed: KVM_EXIT_INTERNAL_ERROR)")
-    );
+    assert!(line(&t, "kernel-mode code").contains("unknown (probe failed: KVM_EXIT_INTERNAL_ERROR)"));
 }
 
 struct Tree(vmm_sys_util::tempdir::TempDir);
@@ -273,37 +237,18 @@ fn gather_from_fixture_tree() {
     for (f, v) in [("nr", "4"), ("free", "3"), ("resv", "1"), ("surplus", "0")] {
         t.write(&format!("{h}/{f}_hugepages"), v);
     }
-    t.write(
-        "kernel/mm/transparent_hugepage/enabled",
-        "always [madvise] never\n",
-    );
-    t.write(
-        "kernel/mm/transparent_hugepage/shmem_enabled",
-        "always within_size [advise] never deny force\n",
-    );
+    t.write("kernel/mm/transparent_hugepage/enabled", "always [madvise] never\n");
+    t.write("kernel/mm/transparent_hugepage/shmem_enabled", "always within_size [advise] never deny force\n");
     t.write("devices/system/node/online", "0-1\n");
     t.write("devices/system/node/node0/cpulist", "0-1\n");
     t.write("devices/system/node/node1/cpulist", "\n");
     std::fs::create_dir_all(t.root().join("module/kvm_pvm")).unwrap();
-    let kvm = KvmInfo {
-        available: true,
-        api_version: 12,
-        ..Default::default()
-    };
+    let kvm = KvmInfo { available: true, api_version: 12, ..Default::default() };
     let r = gather(t.root(), kvm, None);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(r.kernel_mode.kvm_pvm);
     assert!(!r.kernel_mode.probed);
-    assert_eq!(
-        r.hugepages,
-        vec![HugePool {
-            page_size: 2 << 20,
-            total: 4,
-            free: 3,
-            reserved: 1,
-            surplus: 0
-        }]
-    );
+    assert_eq!(r.hugepages, vec![HugePool { page_size: 2 << 20, total: 4, free: 3, reserved: 1, surplus: 0 }]);
     assert_eq!(r.thp.shmem_enabled, Some(ShmemEnabled::Advise));
     assert_eq!(r.numa.len(), 2);
     assert!(!r.numa[1].has_cpus);

@@ -176,10 +176,7 @@ mod tests {
         assert!(!c.vm_type(KVM_X86_SW_PROTECTED_VM));
         assert!(!c.vm_type(200));
         assert!(c.map_gpa_range_exit());
-        let c = Caps {
-            guest_memfd_flags: 1,
-            ..c
-        };
+        let c = Caps { guest_memfd_flags: 1, ..c };
         assert!(!c.gmem_mappable_shared());
     }
 
@@ -187,24 +184,12 @@ mod tests {
     fn matches_kvm_bindings_where_defined() {
         assert_eq!(KVM_CAP_USER_MEMORY2, kvm_bindings::KVM_CAP_USER_MEMORY2);
         assert_eq!(KVM_CAP_GUEST_MEMFD, kvm_bindings::KVM_CAP_GUEST_MEMFD);
-        assert_eq!(
-            KVM_CAP_PRE_FAULT_MEMORY,
-            kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY
-        );
-        assert_eq!(
-            KVM_MEMORY_ATTRIBUTE_PRIVATE,
-            u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE)
-        );
-        assert_eq!(
-            KVM_X86_SW_PROTECTED_VM,
-            kvm_bindings::KVM_X86_SW_PROTECTED_VM
-        );
+        assert_eq!(KVM_CAP_PRE_FAULT_MEMORY, kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY);
+        assert_eq!(KVM_MEMORY_ATTRIBUTE_PRIVATE, u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE));
+        assert_eq!(KVM_X86_SW_PROTECTED_VM, kvm_bindings::KVM_X86_SW_PROTECTED_VM);
         assert_eq!(KVM_CAP_NR_MEMSLOTS, kvm_bindings::KVM_CAP_NR_MEMSLOTS);
         assert_eq!(KVM_CAP_MAX_VCPUS, kvm_bindings::KVM_CAP_MAX_VCPUS);
-        assert_eq!(
-            KVM_CAP_BINARY_STATS_FD,
-            kvm_bindings::KVM_CAP_BINARY_STATS_FD
-        );
+        assert_eq!(KVM_CAP_BINARY_STATS_FD, kvm_bindings::KVM_CAP_BINARY_STATS_FD);
         assert_eq!(KVM_CAP_EXIT_HYPERCALL, kvm_bindings::KVM_CAP_EXIT_HYPERCALL);
         assert_eq!(KVM_CAP_DIRTY_LOG_RING, kvm_bindings::KVM_CAP_DIRTY_LOG_RING);
     }

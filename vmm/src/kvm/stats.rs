@@ -108,13 +108,7 @@ fn malformed(what: impl Into<String>) -> StatsError {
 
 fn parse_header(b: &[u8]) -> Result<Header, StatsError> {
     let f = |at| u32_at(b, at).ok_or_else(|| malformed("short header"));
-    let h = Header {
-        name_size: f(4)?,
-        num_desc: f(8)?,
-        id_offset: f(12)?,
-        desc_offset: f(16)?,
-        data_offset: f(20)?,
-    };
+    let h = Header { name_size: f(4)?, num_desc: f(8)?, id_offset: f(12)?, desc_offset: f(16)?, data_offset: f(20)? };
     if h.name_size as usize > MAX_NAME_SIZE {
         return Err(malformed(format!("name_size {} too large", h.name_size)));
     }
@@ -131,17 +125,11 @@ fn c_name(b: &[u8]) -> String {
 }
 
 /// Parses `num_desc` descriptors of stride `DESC_SIZE + name_size` from `block`.
-fn parse_descs(
-    block: &[u8],
-    name_size: usize,
-    num_desc: usize,
-) -> Result<Vec<StatDesc>, StatsError> {
+fn parse_descs(block: &[u8], name_size: usize, num_desc: usize) -> Result<Vec<StatDesc>, StatsError> {
     let stride = DESC_SIZE + name_size;
     let mut out = Vec::with_capacity(num_desc.min(MAX_DESCS));
     for i in 0..num_desc {
-        let base = i
-            .checked_mul(stride)
-            .ok_or_else(|| malformed("descriptor offset overflow"))?;
+        let base = i.checked_mul(stride).ok_or_else(|| malformed("descriptor offset overflow"))?;
         let d = base
             .checked_add(stride)
             .and_then(|end| block.get(base..end))
@@ -176,10 +164,7 @@ fn data_len(descs: &[StatDesc]) -> Result<usize, StatsError> {
 fn values<'a>(data: &'a [u8], d: &StatDesc) -> impl Iterator<Item = u64> + 'a {
     let start = d.offset as usize;
     let end = start + usize::from(d.size) * 8;
-    data.get(start..end)
-        .unwrap_or(&[])
-        .chunks_exact(8)
-        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+    data.get(start..end).unwrap_or(&[]).chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
 }
 
 /// An open KVM binary stats fd with its parsed descriptors.
@@ -219,20 +204,12 @@ impl StatsFd {
             .filter(|&l| l <= MAX_BLOCK)
             .ok_or_else(|| malformed("descriptor block too large"))?;
         let mut block = vec![0u8; block_len];
-        file.read_exact_at(&mut block, u64::from(h.desc_offset))
-            .map_err(StatsError::Io)?;
+        file.read_exact_at(&mut block, u64::from(h.desc_offset)).map_err(StatsError::Io)?;
         let descs = parse_descs(&block, name_size, num_desc)?;
         let mut idb = vec![0u8; name_size];
-        file.read_exact_at(&mut idb, u64::from(h.id_offset))
-            .map_err(StatsError::Io)?;
+        file.read_exact_at(&mut idb, u64::from(h.id_offset)).map_err(StatsError::Io)?;
         let data_len = data_len(&descs)?;
-        Ok(StatsFd {
-            file,
-            id: c_name(&idb),
-            descs,
-            data_offset: u64::from(h.data_offset),
-            data_len,
-        })
+        Ok(StatsFd { file, id: c_name(&idb), descs, data_offset: u64::from(h.data_offset), data_len })
     }
 
     /// The stats id string (e.g. `kvm-1234` for a VM, `kvm-1234/vcpu_0` for a vCPU).
@@ -247,9 +224,7 @@ impl StatsFd {
 
     fn read_data(&self) -> Result<Vec<u8>, StatsError> {
         let mut data = vec![0u8; self.data_len];
-        self.file
-            .read_exact_at(&mut data, self.data_offset)
-            .map_err(StatsError::Io)?;
+        self.file.read_exact_at(&mut data, self.data_offset).map_err(StatsError::Io)?;
         Ok(data)
     }
 
@@ -270,11 +245,7 @@ impl StatsFd {
     /// Current values by name, every value of each statistic (histogram buckets).
     pub fn read_all(&self) -> Result<BTreeMap<String, Vec<u64>>, StatsError> {
         let data = self.read_data()?;
-        Ok(self
-            .descs
-            .iter()
-            .map(|d| (d.name.clone(), values(&data, d).collect()))
-            .collect())
+        Ok(self.descs.iter().map(|d| (d.name.clone(), values(&data, d).collect())).collect())
     }
 
     /// The current value of one statistic (histograms summed), `None` if absent.
@@ -295,14 +266,7 @@ mod tests {
         let desc_offset = id_offset + ns;
         let data_offset = desc_offset + stats.len() * (DESC_SIZE + ns);
         let mut out = Vec::new();
-        for v in [
-            0,
-            name_size,
-            stats.len() as u32,
-            id_offset as u32,
-            desc_offset as u32,
-            data_offset as u32,
-        ] {
+        for v in [0, name_size, stats.len() as u32, id_offset as u32, desc_offset as u32, data_offset as u32] {
             out.extend_from_slice(&v.to_ne_bytes());
         }
         let mut id = b"kvm-test".to_vec();
@@ -341,14 +305,7 @@ mod tests {
 
     #[test]
     fn parses_synthetic_image() {
-        let img = image(
-            48,
-            &[
-                ("pages_4k", 1, &[7]),
-                ("halt_hist", 4, &[1, 2, 3]),
-                ("exits", 0, &[42]),
-            ],
-        );
+        let img = image(48, &[("pages_4k", 1, &[7]), ("halt_hist", 4, &[1, 2, 3]), ("exits", 0, &[42])]);
         let s = StatsFd::from_file(temp_file(&img)).unwrap();
         assert_eq!(s.id(), "kvm-test");
         assert_eq!(s.descriptors().len(), 3);
@@ -374,16 +331,10 @@ mod tests {
         // Huge name_size / num_desc.
         let mut bad = good.clone();
         bad[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
-        assert!(matches!(
-            StatsFd::from_file(temp_file(&bad)),
-            Err(StatsError::Malformed(_))
-        ));
+        assert!(matches!(StatsFd::from_file(temp_file(&bad)), Err(StatsError::Malformed(_))));
         let mut bad = good.clone();
         bad[8..12].copy_from_slice(&u32::MAX.to_ne_bytes());
-        assert!(matches!(
-            StatsFd::from_file(temp_file(&bad)),
-            Err(StatsError::Malformed(_))
-        ));
+        assert!(matches!(StatsFd::from_file(temp_file(&bad)), Err(StatsError::Malformed(_))));
         // Descriptor offset far past the data.
         let mut bad = good.clone();
         let d0 = HEADER_SIZE + 16;
