@@ -14,6 +14,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("hello", &["crt0.S", "rt.c", "hello.c"]),
     ("memtest", &["crt0.S", "rt.c", "memtest.c"]),
     ("fault", &["crt0.S", "rt.c", "fault.c"]),
+    ("memlat", &["crt0.S", "rt.c", "memlat.c"]),
     ("probe", &["probe.S"]),
 ];
 

@@ -108,11 +108,19 @@ pub struct GuestMemory {
 
 impl GuestMemory {
     /// Creates a backing for each zone of `layout` and maps it.
-    /// `gmem` creates guest_memfds for `gmem` zones.
-    pub fn new(layout: MemoryLayout, gmem: Option<&dyn GmemFactory>) -> Result<Self, BuildError> {
+    /// `gmem` creates guest_memfds for `gmem` zones; `progress(zone, done, total)` is
+    /// called while prefaulting zones that ask for it.
+    pub fn new(
+        layout: MemoryLayout,
+        gmem: Option<&dyn GmemFactory>,
+        progress: Option<&(dyn Fn(usize, u64, u64) + Sync)>,
+    ) -> Result<Self, BuildError> {
         let mut backings = Vec::with_capacity(layout.zones().len());
         for (zone, z) in layout.zones().iter().enumerate() {
-            let b = Backing::create(&z.backend, z.size, gmem).map_err(|source| BuildError::Backing { zone, source })?;
+            let zone_progress = progress.map(|p| move |done: u64, total: u64| p(zone, done, total));
+            let zp = zone_progress.as_ref().map(|f| f as &(dyn Fn(u64, u64) + Sync));
+            let b =
+                Backing::create(&z.backend, z.size, gmem, zp).map_err(|source| BuildError::Backing { zone, source })?;
             backings.push(b);
         }
         let mut regions = Vec::new();
@@ -236,7 +244,7 @@ mod tests {
 
     fn mem(kind: BackendKind, sizes: &[u64]) -> GuestMemory {
         let zones = sizes.iter().map(|&size| ZoneSpec { size, backend: BackendSpec::new(kind) }).collect();
-        GuestMemory::new(MemoryLayout::place(zones).unwrap(), None).unwrap()
+        GuestMemory::new(MemoryLayout::place(zones).unwrap(), None, None).unwrap()
     }
 
     #[test]

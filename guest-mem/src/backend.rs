@@ -6,10 +6,11 @@
 //! | `memfd` | `memfd_create`, `MAP_SHARED` | yes | the default |
 //! | `gmem`  | KVM guest_memfd (`MMAP` + `INIT_SHARED`), `MAP_SHARED` | bound to its VM | registered with `KVM_SET_USER_MEMORY_REGION2` |
 //! | `file`  | a file on tmpfs/hugetlbfs or a `/dev/daxX.Y` device, `MAP_SHARED` | yes | |
+//! | `hugetlb` | memfd with `MFD_HUGETLB` (2 MiB or 1 GiB pages), `MAP_SHARED` | yes | pages reserved from the pool at map time: a short pool fails here, never with SIGBUS later |
+//! | `thp`   | anonymous (`shared=off`) or memfd (`shared=on`) with `MADV_HUGEPAGE` | with `shared=on` | `MADV_COLLAPSE` after prefault rebuilds huge pages whatever the sysfs THP settings |
 //!
-//! The huge-page backends (`hugetlb`, `thp`) are added as new [`BackendKind`]s: each
-//! kind says its page size and placement alignment, and [`Backing::create`] is the
-//! one place that turns a kind into an fd and a mapping.
+//! Each kind says its page size and placement alignment, and [`Backing::create`] is
+//! the one place that turns a spec into an fd and a mapping.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -42,11 +43,22 @@ pub enum BackendKind {
     Gmem,
     /// A file or DAX device given by path.
     File,
+    /// hugetlb pages (2 MiB or 1 GiB) from the host's pool, through a memfd.
+    Hugetlb,
+    /// Transparent huge pages.
+    Thp,
 }
 
 impl BackendKind {
     /// All kinds, in the order the docs list them.
-    pub const ALL: [BackendKind; 4] = [BackendKind::Anon, BackendKind::Memfd, BackendKind::Gmem, BackendKind::File];
+    pub const ALL: [BackendKind; 6] = [
+        BackendKind::Anon,
+        BackendKind::Memfd,
+        BackendKind::Gmem,
+        BackendKind::File,
+        BackendKind::Hugetlb,
+        BackendKind::Thp,
+    ];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -55,12 +67,9 @@ impl BackendKind {
             BackendKind::Memfd => "memfd",
             BackendKind::Gmem => "gmem",
             BackendKind::File => "file",
+            BackendKind::Hugetlb => "hugetlb",
+            BackendKind::Thp => "thp",
         }
-    }
-
-    /// Whether the backing has an fd another process could map.
-    pub fn has_fd(self) -> bool {
-        !matches!(self, BackendKind::Anon)
     }
 }
 
@@ -72,7 +81,7 @@ impl fmt::Display for BackendKind {
 
 /// An unknown backend name.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("unknown backend '{0}' (expected anon, memfd, gmem or file)")]
+#[error("unknown backend '{0}' (expected anon, memfd, gmem, file, hugetlb or thp)")]
 pub struct UnknownBackend(pub String);
 
 impl FromStr for BackendKind {
@@ -93,13 +102,62 @@ pub struct BackendSpec {
     /// Populate all pages before the guest starts.
     #[serde(default)]
     pub prefault: bool,
-    /// Page size of the backing: 4 KiB, or the huge page size of a hugetlbfs file.
+    /// Page size of the backing: 4 KiB; 2 MiB or 1 GiB for hugetlb; 2 MiB for thp;
+    /// the huge page size of a hugetlbfs file.
     #[serde(default = "default_page_size")]
     pub page_size: u64,
+    /// `thp` only: a shared memfd (which live update can hand over) instead of
+    /// anonymous memory.
+    #[serde(default)]
+    pub shared: bool,
+    /// `hugetlb` only: grow the pool for this VM if it is short, and give the pages
+    /// back at exit.
+    #[serde(default)]
+    pub reserve: Reserve,
+    /// What to do when the huge pages asked for cannot be had.
+    #[serde(default)]
+    pub fallback: Fallback,
 }
 
 fn default_page_size() -> u64 {
     PAGE_4K
+}
+
+/// Pool reservation policy for `hugetlb` zones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reserve {
+    /// Use the pool as it is.
+    #[default]
+    Off,
+    /// Grow the pool by what is missing, and shrink it back at exit.
+    Auto,
+}
+
+/// What a huge-page zone falls back to when its pages cannot be had.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Refuse to start.
+    #[default]
+    Error,
+    /// Transparent huge pages (a shared memfd, so the zone keeps an fd).
+    Thp,
+    /// 4 KiB pages (memfd).
+    #[serde(rename = "4k")]
+    FourK,
+}
+
+impl FromStr for Fallback {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "error" => Ok(Fallback::Error),
+            "thp" => Ok(Fallback::Thp),
+            "4k" | "4K" => Ok(Fallback::FourK),
+            _ => Err(format!("fallback '{s}' is not error, thp or 4k")),
+        }
+    }
 }
 
 /// `statfs` magic of hugetlbfs.
@@ -127,7 +185,38 @@ pub fn file_page_size(path: &std::path::Path) -> io::Result<u64> {
 impl BackendSpec {
     /// A spec of `kind` with default options.
     pub fn new(kind: BackendKind) -> Self {
-        BackendSpec { kind, path: None, prefault: false, page_size: PAGE_4K }
+        let page_size = match kind {
+            BackendKind::Hugetlb | BackendKind::Thp => PAGE_2M,
+            _ => PAGE_4K,
+        };
+        BackendSpec {
+            kind,
+            path: None,
+            prefault: false,
+            page_size,
+            shared: false,
+            reserve: Reserve::Off,
+            fallback: Fallback::Error,
+        }
+    }
+
+    /// Whether the backing has an fd another process could map.
+    pub fn has_fd(&self) -> bool {
+        match self.kind {
+            BackendKind::Anon => false,
+            BackendKind::Thp => self.shared,
+            _ => true,
+        }
+    }
+
+    /// A short description: `hugetlb 1G`, `thp shared`, `memfd`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            BackendKind::Hugetlb => format!("hugetlb {}", crate::page_label(self.page_size)),
+            BackendKind::Thp if self.shared => "thp shared".into(),
+            BackendKind::Thp => "thp anon".into(),
+            k => k.name().into(),
+        }
     }
 
     /// The page size the backing is made of.
@@ -199,6 +288,26 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
+    /// A hugetlb memfd could not be created or sized (no pool of that size, or the
+    /// pool is short: hugetlb reserves pages when the memfd is mapped).
+    #[error("cannot get {size} bytes of hugetlb {page} pages")]
+    Hugetlb {
+        /// Requested size.
+        size: u64,
+        /// Page size label.
+        page: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A page size the backend does not offer.
+    #[error("backend '{kind}' does not offer {page} pages")]
+    PageSize {
+        /// Backend.
+        kind: BackendKind,
+        /// Page size label.
+        page: String,
+    },
     /// `MADV_POPULATE_WRITE` failed (out of memory, or the file is too short).
     #[error("cannot prefault {size} bytes of {kind} memory")]
     Prefault {
@@ -222,8 +331,14 @@ pub struct Backing {
 }
 
 impl Backing {
-    /// Creates the backing for a zone of `size` bytes.
-    pub fn create(spec: &BackendSpec, size: u64, gmem: Option<&dyn GmemFactory>) -> Result<Self, BackendError> {
+    /// Creates the backing for a zone of `size` bytes; with `prefault`, populates it on
+    /// every CPU, calling `progress(done, total)` as it goes.
+    pub fn create(
+        spec: &BackendSpec,
+        size: u64,
+        gmem: Option<&dyn GmemFactory>,
+        progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+    ) -> Result<Self, BackendError> {
         let len = usize::try_from(size).map_err(|_| BackendError::Map {
             kind: spec.kind,
             size,
@@ -246,6 +361,31 @@ impl Backing {
                 let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
                 (Some(fd), m)
             }
+            BackendKind::Hugetlb => {
+                let page = crate::page_label(spec.page_size);
+                let hugetlb_err = |source| BackendError::Hugetlb { size, page: page.clone(), source };
+                let fd = hugetlb_memfd(size, spec.page_size).map_err(|e| match e {
+                    Some(source) => hugetlb_err(source),
+                    None => BackendError::PageSize { kind: spec.kind, page: page.clone() },
+                })?;
+                let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(hugetlb_err)?;
+                (Some(fd), m)
+            }
+            BackendKind::Thp => {
+                if spec.page_size != PAGE_2M {
+                    let page = crate::page_label(spec.page_size);
+                    return Err(BackendError::PageSize { kind: spec.kind, page });
+                }
+                let (fd, m) = if spec.shared {
+                    let fd = memfd(size).map_err(|source| BackendError::Memfd { size, source })?;
+                    let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
+                    (Some(fd), m)
+                } else {
+                    (None, Mapping::anonymous(len, align).map_err(map_err)?)
+                };
+                m.madvise(libc::MADV_HUGEPAGE).map_err(map_err)?;
+                (fd, m)
+            }
             BackendKind::File => {
                 let path = spec.path.as_ref().ok_or(BackendError::MissingPath)?;
                 let file = open_backing_file(path, size)?;
@@ -255,9 +395,27 @@ impl Backing {
             }
         };
         if spec.prefault {
-            mapping.populate_write().map_err(|source| BackendError::Prefault { kind: spec.kind, size, source })?;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let chunk = (PREFAULT_CHUNK as usize).max(align);
+            mapping.populate_write_parallel(threads, chunk, progress).map_err(|source| BackendError::Prefault {
+                kind: spec.kind,
+                size,
+                source,
+            })?;
+            if spec.kind == BackendKind::Thp {
+                // Rebuild huge pages wherever the fault path gave small ones (shmem THP
+                // off, fragmentation): MADV_COLLAPSE ignores the sysfs THP settings.
+                // Best effort: what it could not collapse shows in the coverage report.
+                let _ = mapping.madvise(MADV_COLLAPSE);
+            }
         }
         Ok(Backing { spec: spec.clone(), mapping, fd })
+    }
+
+    /// Collapses the zone's memory into huge pages (`MADV_COLLAPSE`); for `thp` zones
+    /// whose huge pages were split.
+    pub fn collapse(&self) -> io::Result<()> {
+        self.mapping.madvise(MADV_COLLAPSE)
     }
 
     /// The spec it was made from.
@@ -274,6 +432,31 @@ impl Backing {
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
     }
+}
+
+/// Bytes one prefault thread populates at a time.
+const PREFAULT_CHUNK: u64 = 256 << 20;
+
+/// `MADV_COLLAPSE` (Linux 6.1), not in every libc crate version.
+pub const MADV_COLLAPSE: i32 = 25;
+
+/// A hugetlb memfd of `size` bytes with `page` pages. `Err(None)`: no such page size.
+fn hugetlb_memfd(size: u64, page: u64) -> Result<OwnedFd, Option<io::Error>> {
+    let shift = match page {
+        crate::PAGE_2M => 21,
+        crate::PAGE_1G => 30,
+        _ => return Err(None),
+    };
+    let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (shift << libc::MFD_HUGE_SHIFT);
+    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
+    let raw = unsafe { libc::memfd_create(c"mosaic-guest-ram-hugetlb".as_ptr(), flags) };
+    if raw < 0 {
+        return Err(Some(io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    File::from(fd.try_clone().map_err(Some)?).set_len(size).map_err(Some)?;
+    Ok(fd)
 }
 
 fn memfd(size: u64) -> io::Result<OwnedFd> {
@@ -321,7 +504,7 @@ mod tests {
     fn memfd_backing_has_fd_and_prefaults() {
         let mut spec = BackendSpec::new(BackendKind::Memfd);
         spec.prefault = true;
-        let b = Backing::create(&spec, 4 << 20, None).unwrap();
+        let b = Backing::create(&spec, 4 << 20, None, None).unwrap();
         assert!(b.fd().is_some());
         assert_eq!(b.mapping().addr() % PAGE_2M, 0);
     }
@@ -334,14 +517,14 @@ mod tests {
         std::fs::write(&p, b"").unwrap();
         let mut spec = BackendSpec::new(BackendKind::File);
         spec.path = Some(p.clone());
-        Backing::create(&spec, 2 << 20, None).unwrap();
+        Backing::create(&spec, 2 << 20, None, None).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 20);
         spec.path = Some(dir.join("missing"));
-        assert!(matches!(Backing::create(&spec, 2 << 20, None), Err(BackendError::File { .. })));
+        assert!(matches!(Backing::create(&spec, 2 << 20, None, None), Err(BackendError::File { .. })));
         spec.path = Some(dir.clone());
-        assert!(Backing::create(&spec, 2 << 20, None).is_err());
+        assert!(Backing::create(&spec, 2 << 20, None, None).is_err());
         spec.path = None;
-        assert!(matches!(Backing::create(&spec, 2 << 20, None), Err(BackendError::MissingPath)));
+        assert!(matches!(Backing::create(&spec, 2 << 20, None, None), Err(BackendError::MissingPath)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -354,6 +537,6 @@ mod tests {
     #[test]
     fn gmem_without_a_vm_is_refused() {
         let spec = BackendSpec::new(BackendKind::Gmem);
-        assert!(matches!(Backing::create(&spec, 2 << 20, None), Err(BackendError::NoGmemFactory)));
+        assert!(matches!(Backing::create(&spec, 2 << 20, None, None), Err(BackendError::NoGmemFactory)));
     }
 }

@@ -22,7 +22,7 @@ pub mod layout;
 pub mod mapping;
 
 pub use accessor::{AccessError, GuestMemory, GuestRegion};
-pub use backend::{BackendKind, BackendSpec, Backing, GmemFactory};
+pub use backend::{BackendKind, BackendSpec, Backing, Fallback, GmemFactory, Reserve};
 pub use layout::{E820Entry, E820Kind, LayoutError, MemoryLayout, RegionLayout, ZoneSpec};
 
 /// 4 KiB, the base page size.
@@ -31,6 +31,8 @@ pub const PAGE_4K: u64 = 4 << 10;
 pub const PAGE_2M: u64 = 2 << 20;
 /// 1 GiB, the x86 PUD huge page size.
 pub const PAGE_1G: u64 = 1 << 30;
+
+pub use hugepage::page_size_label as page_label;
 
 /// Rounds `v` up to a multiple of `align` (a power of two); `None` on overflow.
 pub fn align_up(v: u64, align: u64) -> Option<u64> {

@@ -111,11 +111,62 @@ impl Mapping {
         self.madvise(libc::MADV_POPULATE_WRITE)
     }
 
+    /// [`Mapping::populate_write`] on `threads` threads, in chunks of `chunk` bytes
+    /// (a multiple of the page size); `progress(done, total)` is called after each chunk.
+    pub fn populate_write_parallel(
+        &self,
+        threads: usize,
+        chunk: usize,
+        progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+    ) -> io::Result<()> {
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        let chunk = chunk.max(1);
+        let chunks = self.len.div_ceil(chunk);
+        let next = AtomicUsize::new(0);
+        let done = AtomicU64::new(0);
+        let failed: std::sync::Mutex<Option<io::Error>> = std::sync::Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads.clamp(1, chunks.max(1)) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= chunks || failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    let off = i * chunk;
+                    let len = chunk.min(self.len - off);
+                    if let Err(e) = self.madvise_range(off, len, libc::MADV_POPULATE_WRITE) {
+                        if let Ok(mut f) = failed.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                    let d = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+                    if let Some(p) = progress {
+                        p(d, self.len as u64);
+                    }
+                });
+            }
+        });
+        match failed.into_inner() {
+            Ok(Some(e)) => Err(e),
+            Ok(None) => Ok(()),
+            Err(_) => Err(io::Error::other("prefault thread panicked")),
+        }
+    }
+
     /// Applies `advice` to the whole mapping.
     pub fn madvise(&self, advice: i32) -> io::Result<()> {
-        // SAFETY: the range is exactly this live mapping; madvise does not invalidate it
-        // for the advice values Mosaic uses (populate, huge page hints).
-        let rc = unsafe { libc::madvise(self.addr as *mut libc::c_void, self.len, advice) };
+        self.madvise_range(0, self.len, advice)
+    }
+
+    fn madvise_range(&self, offset: usize, len: usize, advice: i32) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: [offset, offset+len) lies inside this live mapping (checked above);
+        // madvise does not invalidate it for the advice values Mosaic uses (populate,
+        // huge page hints, collapse).
+        let rc = unsafe { libc::madvise((self.addr + offset) as *mut libc::c_void, len, advice) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -149,6 +200,14 @@ mod tests {
         // SAFETY: the mapping is 4 MiB long and writable.
         unsafe { m.as_ptr().add(4095).write_volatile(7) };
         m.populate_write().unwrap();
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let progress = |done: u64, total: u64| {
+            assert!(done <= total && total == 4 << 20);
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        m.populate_write_parallel(2, 1 << 20, Some(&progress)).unwrap();
+        assert_eq!(calls.into_inner(), 4);
+        assert!(m.madvise_range(4 << 20, 4096, libc::MADV_POPULATE_WRITE).is_err());
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub struct NodePool {
 }
 
 /// One hugetlb pool (one huge page size).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pool {
     /// Page size in bytes.
     pub page_size: u64,

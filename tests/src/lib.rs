@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod pool;
+
 /// The `mosaic` binary: `$MOSAIC_BIN`, or `mosaic` in the same target profile
 /// directory as this executable (tests live in its `deps/`, binaries beside it).
 pub fn mosaic_bin() -> PathBuf {

@@ -9,6 +9,7 @@
 //! | `hello` | every vCPU writes the boot marker and checks in; vCPU 0 waits for all | `Hello from Mosaic! guest RAM <MiB> MiB, <n> vCPUs online` | 0 |
 //! | `memtest` | writes and verifies every free page, split across vCPUs | see below | 0 ok, 1 mismatch or bad layout |
 //! | `fault` | reads unmapped 0x700000000000 | `fault: touching unmapped address` | #PF (VMM: 125) |
+//! | `memlat` | vCPU 0: pointer-chase load latency over all free RAM (at most 4 GiB), one random cycle through every 4 KiB page | see below | 0 ok, 1 bad layout or broken cycle |
 //! | `probe` | for `host-check`: boot marker, 200000-iteration ALU loop, exit 0; CPL0- or CPL3-safe (only mov/add/xor/dec/jnz/out, no stack) | none | 0 |
 //!
 //! `memtest` output (vCPU 0, after all vCPUs are done):
@@ -24,13 +25,30 @@
 //! `memtest: vcpu <i> first mismatch at 0x<hex> read 0x<16 hex> expected 0x<16 hex>`
 //! come before `FAIL`; on a bad layout only `memtest: bad layout: <reason>` and
 //! `memtest: FAIL` are printed.
+//!
+//! `memlat` (for the huge-page benchmarks) links one 8-byte slot per 4 KiB page of the
+//! working set (the free ranges concatenated, capped at 4 GiB), at a varying cache-line
+//! offset, into a single random cycle (Sattolo, fixed-seed xorshift64: the same cycle
+//! every run), so each dependent load `p = *p` lands on a different page: a TLB miss
+//! unless the mapping is huge in both guest and host. It walks the cycle once untimed
+//! (checking its length), then times `steps = max(2 * pages, 1000000)` loads with rdtsc:
+//! ```text
+//! memlat: working set <bytes dec> pages <dec> steps <dec>
+//! memlat: <dec>.<d> cycles/access <dec>.<d> ns/access      (rounded; ns 0.0 if tsc_khz is 0)
+//! memlat: ok
+//! ```
+//! On a bad layout (invalid boot info, fewer than 1024 free pages, ...) it prints only
+//! `memlat: bad layout: <reason>`; on a broken cycle `memlat: FAIL: cycle length <n>
+//! expected <pages>`; both return 1. Set-up touches every page once, so it takes about
+//! as long as the VMM needs to fault the working set in.
 
 /// Names of the built-in guest programs, as accepted by [`builtin`].
-pub const NAMES: &[&str] = &["hello", "memtest", "fault", "probe"];
+pub const NAMES: &[&str] = &["hello", "memtest", "fault", "memlat", "probe"];
 
 static HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 static MEMTEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.elf"));
 static FAULT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fault.elf"));
+static MEMLAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memlat.elf"));
 static PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
 
 /// Returns the ELF image of the built-in guest program `name` (one of [`NAMES`]),
@@ -40,6 +58,7 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
         "hello" => Some(HELLO),
         "memtest" => Some(MEMTEST),
         "fault" => Some(FAULT),
+        "memlat" => Some(MEMLAT),
         "probe" => Some(PROBE),
         _ => None,
     }
@@ -89,6 +108,21 @@ mod tests {
         }
         assert!(builtin("nope").is_none());
         assert!(builtin("").is_none());
+    }
+
+    #[test]
+    fn memlat_is_built_in() {
+        assert!(NAMES.contains(&"memlat"));
+        let elf = builtin("memlat").unwrap();
+        // The pieces of the lines the huge-page benchmarks parse (docs above).
+        for text in ["memlat: working set ", " pages ", " steps ", " cycles/access ", " ns/access\n", "memlat: ok\n"] {
+            let text = text.as_bytes();
+            assert!(
+                elf.windows(text.len()).any(|w| w == text),
+                "memlat image lacks {:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
     }
 
     #[test]

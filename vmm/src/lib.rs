@@ -8,6 +8,7 @@ pub mod devices;
 pub mod guests;
 pub mod hostcheck;
 pub mod kvm;
+pub mod preflight;
 pub mod run;
 pub mod vm;
 

@@ -35,7 +35,7 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Guest program: a built-in name (hello, memtest, fault) or a path to a guest ELF.
+    /// Guest program: a built-in name (hello, memtest, fault, memlat) or a path to a guest ELF.
     #[arg(long, value_name = "NAME|PATH")]
     guest: Option<String>,
     /// Linux kernel to boot (bzImage or ELF vmlinux).
@@ -51,8 +51,9 @@ struct RunArgs {
     #[arg(long, value_name = "N")]
     vcpus: Option<u32>,
     /// A zone of guest RAM; repeat for several zones, placed in order
-    /// (default size=128M,backend=memfd).
-    #[arg(long, value_name = "size=SIZE,backend=anon|memfd|gmem|file[,path=P][,prefault=on]")]
+    /// (default size=128M,backend=memfd). Huge pages: backend=hugetlb[,page-size=2M|1G]
+    /// [,reserve=auto], backend=thp[,shared=on], with [,fallback=error|thp|4k].
+    #[arg(long, value_name = "size=SIZE,backend=anon|memfd|gmem|file|hugetlb|thp[,KEY=VALUE...]")]
     memory: Vec<String>,
     /// Serial console: stdout (default), file:PATH or none.
     #[arg(long, value_name = "stdout|file:P|none")]
@@ -87,7 +88,7 @@ impl RunArgs {
     }
 }
 
-fn start_line(plan: &RunPlan) -> String {
+fn start_line(plan: &RunPlan, choices: &[vmm::preflight::ZoneChoice]) -> String {
     let guest = match &plan.boot {
         vmm::config::BootSource::Program { name, .. } => format!("guest program {name}"),
         vmm::config::BootSource::Linux(l) => format!("kernel {}", l.kernel.display()),
@@ -96,9 +97,17 @@ fn start_line(plan: &RunPlan) -> String {
         .layout
         .zones()
         .iter()
-        .map(|z| {
+        .zip(choices)
+        .map(|(z, c)| {
             let pf = if z.backend.prefault { ", prefaulted" } else { "" };
-            format!("{} {} ({} pages{pf})", format_size(z.size), z.backend.kind, format_size(z.backend.page_size()))
+            let mut s = format!("{} {} ({} pages{pf})", format_size(z.size), c.got, format_size(c.page_size_got));
+            if c.asked != c.got {
+                s.push_str(&format!(" [asked {}]", c.asked));
+            }
+            if let Some(n) = &c.note {
+                s.push_str(&format!(" [{n}]"));
+            }
+            s
         })
         .collect();
     let v = plan.vcpus;
@@ -111,21 +120,32 @@ fn write_stats(path: &std::path::Path, report: &RunReport) -> Result<(), String>
 }
 
 fn cmd_run(args: RunArgs, start: Instant, start_ns: u64) -> ExitCode {
-    let plan = match args.plan() {
+    let mut plan = match args.plan() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("mosaic: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    eprintln!("{}", start_line(&plan));
-    let report = match run::execute(&plan, start, start_ns, None) {
+    // Huge pages are checked (and pools grown) before anything else is built; the
+    // reservations are given back when `pre` is dropped, after the VM is gone.
+    let pre = match vmm::preflight::run(&plan.layout) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mosaic: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    plan.layout = pre.layout.clone();
+    eprintln!("{}", start_line(&plan, &pre.choices));
+    let mut report = match run::execute(&plan, start, start_ns, None) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mosaic: {}", error_chain(&e));
             return ExitCode::from(vmm::vm::control::EXIT_VM_FAILED as u8);
         }
     };
+    report.zones = pre.choices.clone();
     if report.outcome.kind != "exit" && report.outcome.kind != "reset" {
         eprintln!("mosaic: {}", report.outcome.description);
     }
@@ -134,6 +154,7 @@ fn cmd_run(args: RunArgs, start: Instant, start_ns: u64) -> ExitCode {
             eprintln!("mosaic: --stats-json: {e}");
         }
     }
+    drop(pre);
     ExitCode::from(report.exit_code.clamp(0, 255) as u8)
 }
 

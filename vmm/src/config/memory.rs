@@ -1,9 +1,10 @@
-//! The `--memory` flag: `size=SIZE,backend=anon|memfd|gmem|file[,path=P][,prefault=on]`,
-//! and the same as a JSON object in a config file.
+//! The `--memory` flag: `size=SIZE,backend=anon|memfd|gmem|file|hugetlb|thp[,path=P]
+//! [,prefault=on][,page-size=2M|1G][,shared=on][,reserve=auto][,fallback=error|thp|4k]`,
+//! and the same as a JSON object in a config file (`page_size` there).
 
 use std::path::PathBuf;
 
-use guest_mem::{BackendKind, BackendSpec, ZoneSpec};
+use guest_mem::{BackendKind, BackendSpec, Fallback, Reserve, ZoneSpec, PAGE_1G, PAGE_2M};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -16,7 +17,7 @@ pub enum MemoryFlagError {
     #[error("'{0}' is not key=value")]
     NotKeyValue(String),
     /// A key Mosaic does not know.
-    #[error("unknown key '{0}' (expected size, backend, path, prefault)")]
+    #[error("unknown key '{0}' (expected size, backend, path, prefault, page-size, shared, reserve, fallback)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("'{0}' given twice")]
@@ -44,6 +45,25 @@ pub enum MemoryFlagError {
     /// `backend=file` without a path.
     #[error("backend=file needs path=")]
     FileWithoutPath,
+    /// A key that does not apply to the backend.
+    #[error("{key}= does not apply to backend={backend} (only to {only})")]
+    NotForBackend {
+        /// Key.
+        key: &'static str,
+        /// Backend given.
+        backend: String,
+        /// Backends it applies to.
+        only: &'static str,
+    },
+    /// A page size the backend does not offer.
+    #[error("page-size={0} is not offered (hugetlb: 2M or 1G; thp: 2M)")]
+    PageSize(String),
+    /// Bad reserve value.
+    #[error("reserve='{0}' is not auto or off")]
+    Reserve(String),
+    /// Bad fallback value.
+    #[error("{0}")]
+    Fallback(String),
 }
 
 /// A size as written: `"256M"` or a number of bytes.
@@ -71,6 +91,18 @@ pub struct MemoryConfig {
     /// Prefault before start.
     #[serde(default)]
     pub prefault: bool,
+    /// Huge page size (`hugetlb`: 2M or 1G; `thp`: 2M).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<String>,
+    /// `thp`: a shared memfd instead of anonymous memory.
+    #[serde(default)]
+    pub shared: bool,
+    /// `hugetlb`: `auto` grows the pool for this VM and restores it at exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve: Option<String>,
+    /// `hugetlb`/`thp`: `error` (default), `thp` or `4k` when the pages cannot be had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 fn default_backend() -> String {
@@ -90,8 +122,10 @@ impl MemoryConfig {
     pub fn parse_flag(s: &str) -> Result<Self, MemoryFlagError> {
         let mut seen = std::collections::HashSet::new();
         let (mut size, mut backend, mut path, mut prefault) = (None, None, None, false);
+        let (mut page_size, mut shared, mut reserve, mut fallback) = (None, false, None, None);
         for part in s.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').ok_or_else(|| MemoryFlagError::NotKeyValue(part.into()))?;
+            let k = if k == "page_size" { "page-size" } else { k };
             if !seen.insert(k.to_string()) {
                 return Err(MemoryFlagError::Duplicate(k.into()));
             }
@@ -100,6 +134,10 @@ impl MemoryConfig {
                 "backend" => backend = Some(v.to_string()),
                 "path" => path = Some(PathBuf::from(v)),
                 "prefault" => prefault = on_off(k, v)?,
+                "page-size" => page_size = Some(v.to_string()),
+                "shared" => shared = on_off(k, v)?,
+                "reserve" => reserve = Some(v.to_string()),
+                "fallback" => fallback = Some(v.to_string()),
                 _ => return Err(MemoryFlagError::UnknownKey(k.into())),
             }
         }
@@ -108,6 +146,10 @@ impl MemoryConfig {
             backend: backend.unwrap_or_else(default_backend),
             path,
             prefault,
+            page_size,
+            shared,
+            reserve,
+            fallback,
         };
         m.to_zone()?;
         Ok(m)
@@ -125,9 +167,45 @@ impl MemoryConfig {
             (k, Some(_)) if k != BackendKind::File => return Err(MemoryFlagError::PathWithoutFile),
             _ => {}
         }
+        let not_for = |key, only| MemoryFlagError::NotForBackend { key, backend: self.backend.clone(), only };
+        let huge = matches!(kind, BackendKind::Hugetlb | BackendKind::Thp);
         let mut backend = BackendSpec::new(kind);
         backend.path = self.path.clone();
         backend.prefault = self.prefault;
+        if let Some(ps) = &self.page_size {
+            if !huge {
+                return Err(not_for("page-size", "hugetlb, thp"));
+            }
+            backend.page_size = match (kind, parse_size(ps)?) {
+                (BackendKind::Hugetlb, p @ (PAGE_2M | PAGE_1G)) | (BackendKind::Thp, p @ PAGE_2M) => p,
+                _ => return Err(MemoryFlagError::PageSize(ps.clone())),
+            };
+        }
+        if self.shared {
+            if kind != BackendKind::Thp {
+                return Err(not_for("shared", "thp"));
+            }
+            backend.shared = true;
+        }
+        if let Some(r) = &self.reserve {
+            if kind != BackendKind::Hugetlb {
+                return Err(not_for("reserve", "hugetlb"));
+            }
+            backend.reserve = match r.as_str() {
+                "auto" => Reserve::Auto,
+                "off" => Reserve::Off,
+                _ => return Err(MemoryFlagError::Reserve(r.clone())),
+            };
+        }
+        if let Some(f) = &self.fallback {
+            if !huge {
+                return Err(not_for("fallback", "hugetlb, thp"));
+            }
+            backend.fallback = f.parse::<Fallback>().map_err(MemoryFlagError::Fallback)?;
+            if kind == BackendKind::Thp && backend.fallback == Fallback::Thp {
+                return Err(MemoryFlagError::Fallback("fallback=thp does not apply to backend=thp".into()));
+            }
+        }
         if let Some(p) = &self.path {
             // A file on hugetlbfs is made of huge pages: the zone is aligned to them.
             // (A path that cannot be inspected is reported when it is opened.)
@@ -153,6 +231,38 @@ mod tests {
         assert_eq!(z.backend.kind, BackendKind::Memfd);
         let z = MemoryConfig::parse_flag("size=64M,backend=file,path=/dev/shm/x").unwrap().to_zone().unwrap();
         assert_eq!(z.backend.path.as_deref(), Some(std::path::Path::new("/dev/shm/x")));
+    }
+
+    #[test]
+    fn parses_huge_page_flags() {
+        let z = MemoryConfig::parse_flag("size=2G,backend=hugetlb,page-size=1G,reserve=auto,fallback=thp")
+            .unwrap()
+            .to_zone()
+            .unwrap();
+        assert_eq!(z.backend.kind, BackendKind::Hugetlb);
+        assert_eq!(z.backend.page_size, PAGE_1G);
+        assert_eq!(z.backend.reserve, Reserve::Auto);
+        assert_eq!(z.backend.fallback, Fallback::Thp);
+        let z = MemoryConfig::parse_flag("size=1G,backend=hugetlb").unwrap().to_zone().unwrap();
+        assert_eq!(z.backend.page_size, PAGE_2M);
+        let z = MemoryConfig::parse_flag("size=1G,backend=thp,shared=on,fallback=4k").unwrap().to_zone().unwrap();
+        assert!(z.backend.shared && z.backend.has_fd());
+        assert_eq!(z.backend.fallback, Fallback::FourK);
+    }
+
+    #[test]
+    fn refuses_bad_huge_page_flags() {
+        use MemoryFlagError::*;
+        let e = |s| MemoryConfig::parse_flag(s).unwrap_err();
+        assert_eq!(e("size=1G,backend=hugetlb,page-size=4M"), PageSize("4M".into()));
+        assert_eq!(e("size=1G,backend=thp,page-size=1G"), PageSize("1G".into()));
+        assert!(matches!(e("size=1G,backend=memfd,page-size=2M"), NotForBackend { key: "page-size", .. }));
+        assert!(matches!(e("size=1G,backend=hugetlb,shared=on"), NotForBackend { key: "shared", .. }));
+        assert!(matches!(e("size=1G,backend=thp,reserve=auto"), NotForBackend { key: "reserve", .. }));
+        assert!(matches!(e("size=1G,backend=anon,fallback=4k"), NotForBackend { key: "fallback", .. }));
+        assert_eq!(e("size=1G,backend=hugetlb,reserve=always"), Reserve("always".into()));
+        assert!(matches!(e("size=1G,backend=hugetlb,fallback=swap"), Fallback(_)));
+        assert!(matches!(e("size=1G,backend=thp,fallback=thp"), Fallback(_)));
     }
 
     #[test]

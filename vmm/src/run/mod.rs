@@ -72,7 +72,7 @@ pub fn execute(
     let guest = match &plan.boot {
         BootSource::Program { name, image, kernel_mode } => {
             let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
-            let mut boot = program::prepare(&mem, image, n, tsc_khz)?;
+            let mut boot = program::prepare(&mem, image, n, tsc_khz, vm.offers_1g_pages())?;
             boot.kernel_mode = *kernel_mode;
             for (i, v) in vcpus.iter().enumerate() {
                 program::configure_vcpu(v, i as u32, &boot)?;

@@ -69,8 +69,13 @@ pub struct RunReport {
     pub vcpus: u32,
     /// Times.
     pub times: Times,
+    /// Per zone: backend and page size asked for and used (filled in by the caller
+    /// from the preflight).
+    pub zones: Vec<crate::preflight::ZoneChoice>,
     /// Guest RAM regions.
     pub memory: Vec<RegionReport>,
+    /// Huge-page coverage of guest RAM, as the host and KVM map it.
+    pub coverage: Coverage,
     /// KVM VM stats (pages_4k, pages_2m, pages_1g, ...).
     pub kvm_vm: BTreeMap<String, u64>,
     /// KVM vCPU stats summed over vCPUs (exits, io_exits, ...).
@@ -83,6 +88,43 @@ pub struct RunReport {
 
 fn us(d: Duration) -> u64 {
     d.as_micros().try_into().unwrap_or(u64::MAX)
+}
+
+/// Huge-page coverage at exit.
+#[derive(Debug, Default, Serialize)]
+pub struct Coverage {
+    /// Bytes KVM maps for the guest (`pages_4k`, `pages_2m`, `pages_1g` summed).
+    pub kvm_mapped_bytes: u64,
+    /// Of those, bytes on 2 MiB and 1 GiB mappings.
+    pub kvm_huge_bytes: u64,
+    /// `kvm_huge_bytes / kvm_mapped_bytes` (0 when nothing is mapped).
+    pub kvm_huge_ratio: f64,
+    /// Guest RAM resident in the VMM's mappings (smaps Rss + hugetlb).
+    pub host_resident_bytes: u64,
+    /// Of those, bytes on huge pages (AnonHugePages, ShmemPmdMapped, FilePmdMapped, hugetlb).
+    pub host_huge_bytes: u64,
+    /// `host_huge_bytes / host_resident_bytes` (0 when nothing is resident).
+    pub host_huge_ratio: f64,
+}
+
+impl Coverage {
+    /// Coverage from KVM VM stats and region reports.
+    pub fn new(kvm_vm: &BTreeMap<String, u64>, memory: &[RegionReport]) -> Self {
+        let stat = |k: &str| kvm_vm.get(k).copied().unwrap_or(0);
+        let huge = stat("pages_2m").saturating_mul(2 << 20).saturating_add(stat("pages_1g").saturating_mul(1 << 30));
+        let mapped = huge.saturating_add(stat("pages_4k").saturating_mul(4096));
+        let resident: u64 = memory.iter().map(|r| r.host.resident_bytes()).sum();
+        let host_huge: u64 = memory.iter().map(|r| r.host_huge_bytes).sum();
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        Coverage {
+            kvm_mapped_bytes: mapped,
+            kvm_huge_bytes: huge,
+            kvm_huge_ratio: ratio(huge, mapped),
+            host_resident_bytes: resident,
+            host_huge_bytes: host_huge,
+            host_huge_ratio: ratio(host_huge, resident),
+        }
+    }
 }
 
 /// Per-region host mapping report.
@@ -170,6 +212,8 @@ impl RunReport {
                 exit_us: exit_at.map(us),
                 vmm_start_monotonic_ns: i.start_monotonic_ns,
             },
+            zones: Vec::new(),
+            coverage: Coverage::new(&i.kvm_vm, &i.memory),
             memory: i.memory,
             kvm_vm: i.kvm_vm,
             kvm_vcpu,

@@ -45,6 +45,9 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// Zones above this size report prefault progress.
+const PREFAULT_PROGRESS_ABOVE: u64 = 4 << 30;
+
 /// Creates guest_memfds on a VM.
 struct VmGmem<'a>(&'a VmFd);
 
@@ -72,7 +75,25 @@ impl Vm {
     pub fn new(layout: MemoryLayout) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let mem = Arc::new(GuestMemory::new(layout, Some(&VmGmem(&fd)))?);
+        let last_decile = std::sync::atomic::AtomicU64::new(0);
+        let progress = |zone: usize, done: u64, total: u64| {
+            // Prefaulting a big zone takes seconds: say how far it got, every 10%.
+            if total > PREFAULT_PROGRESS_ABOVE {
+                let decile = done * 10 / total;
+                // Zones prefault one after another: (zone, decile) only grows.
+                let key = zone as u64 * 16 + decile;
+                if last_decile.fetch_max(key, std::sync::atomic::Ordering::Relaxed) < key {
+                    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+                    eprintln!(
+                        "mosaic: prefaulting zone {zone}: {}% ({:.1} of {:.1} GiB)",
+                        decile * 10,
+                        gib(done),
+                        gib(total)
+                    );
+                }
+            }
+        };
+        let mem = Arc::new(GuestMemory::new(layout, Some(&VmGmem(&fd)), Some(&progress))?);
         memslots::register(&fd, &mem)?;
         fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -91,6 +112,11 @@ impl Vm {
         let cpuid = cpuid::for_vcpu(&self.cpuid, index, count);
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         Ok(vcpu)
+    }
+
+    /// Whether the guest CPU offers 1 GiB pages (CPUID 0x80000001 EDX bit 26, PDPE1GB).
+    pub fn offers_1g_pages(&self) -> bool {
+        self.cpuid.as_slice().iter().any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0)
     }
 
     /// The KVM system handle.

@@ -64,7 +64,7 @@ macro_rules! need_kernel {
 
 fn memory(size: u64) -> GuestMemory {
     let zone = ZoneSpec { size, backend: BackendSpec::new(BackendKind::Memfd) };
-    GuestMemory::new(MemoryLayout::place(vec![zone]).unwrap(), None).unwrap()
+    GuestMemory::new(MemoryLayout::place(vec![zone]).unwrap(), None, None).unwrap()
 }
 
 /// A file in the temp dir, removed on drop.

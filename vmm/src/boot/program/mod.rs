@@ -72,7 +72,15 @@ pub struct ProgramBoot {
 }
 
 /// Loads `image` and builds everything a guest program runs on.
-pub fn prepare(mem: &GuestMemory, image: &[u8], vcpus: u32, tsc_khz: u32) -> Result<ProgramBoot, ProgramError> {
+/// `use_1g`: the guest CPU offers 1 GiB pages (CPUID PDPE1GB), so 1 GiB-backed RAM is
+/// mapped with 1 GiB entries.
+pub fn prepare(
+    mem: &GuestMemory,
+    image: &[u8],
+    vcpus: u32,
+    tsc_khz: u32,
+    use_1g: bool,
+) -> Result<ProgramBoot, ProgramError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(ProgramError::TooManyVcpus(vcpus));
     }
@@ -84,13 +92,15 @@ pub fn prepare(mem: &GuestMemory, image: &[u8], vcpus: u32, tsc_khz: u32) -> Res
     if first.0 != 0 || stacks_end > first.1 {
         return Err(ProgramError::DoesNotFit { first_region: first.1, image_end: img.end() });
     }
-    let tables = paging::identity_2m(&ram).ok_or(ProgramError::TooMuchRam)?;
+    let ranges: Vec<paging::RamRange> =
+        mem.regions().iter().map(|r| paging::RamRange { gpa: r.gpa, size: r.size, page_size: r.page_size }).collect();
+    let tables = paging::identity(&ranges, use_1g).ok_or(ProgramError::TooMuchRam)?;
 
     for s in &img.segments {
         mem.write(s.paddr, &image[s.offset..s.offset + s.filesz])?;
         mem.zero(s.paddr + s.filesz as u64, s.memsz - s.filesz as u64)?;
     }
-    for (addr, entries) in &tables {
+    for (addr, entries) in &tables.pages {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
         mem.write(*addr, &bytes)?;
     }
@@ -115,17 +125,17 @@ pub fn prepare(mem: &GuestMemory, image: &[u8], vcpus: u32, tsc_khz: u32) -> Res
         return Err(ProgramError::TooManyRanges);
     }
     let ram_size = ram.iter().map(|r| r.1).sum();
-    mem.write(BOOT_INFO, &boot_info(vcpus, ram_size, tsc_khz, &free))?;
+    mem.write(BOOT_INFO, &boot_info(vcpus, ram_size, tsc_khz, tables.page_shift, &free))?;
     Ok(ProgramBoot { entry: img.entry, vcpus, stacks, free, kernel_mode: false })
 }
 
 /// The boot-info block (docs/GUEST-ABI.md).
-pub fn boot_info(vcpus: u32, ram_size: u64, tsc_khz: u32, free: &[(u64, u64)]) -> Vec<u8> {
+pub fn boot_info(vcpus: u32, ram_size: u64, tsc_khz: u32, page_shift: u32, free: &[(u64, u64)]) -> Vec<u8> {
     let mut b = Vec::with_capacity(40 + 16 * free.len());
     b.extend(BOOT_INFO_MAGIC.to_le_bytes());
     b.extend(BOOT_INFO_VERSION.to_le_bytes());
     b.extend(vcpus.to_le_bytes());
-    b.extend(21u32.to_le_bytes());
+    b.extend(page_shift.to_le_bytes());
     b.extend(ram_size.to_le_bytes());
     b.extend(u64::from(tsc_khz).to_le_bytes());
     b.extend((free.len() as u32).to_le_bytes());
@@ -205,7 +215,7 @@ mod tests {
 
     #[test]
     fn boot_info_matches_the_abi() {
-        let b = boot_info(2, 64 << 20, 2_600_000, &[(0x40_0000, 0x3c0_0000)]);
+        let b = boot_info(2, 64 << 20, 2_600_000, 21, &[(0x40_0000, 0x3c0_0000)]);
         assert_eq!(&b[0..4], b"MOSB");
         assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 2);
         assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 21);
