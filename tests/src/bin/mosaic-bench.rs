@@ -2,12 +2,21 @@
 //! docs/BENCHMARKS.md. Each table is measured in one run, on this machine.
 //!
 //! ```text
-//! cargo run --release -p mosaic-tests --bin mosaic-bench -- [boot [N]] [memtest [SIZE]]
+//! cargo run --release -p mosaic-tests --bin mosaic-bench -- [boot [N]] [memtest [SIZE]] [coverage]
+//!     [memlat [SIZE]] [prefault]
 //! ```
 //! - `boot`: `hello` N times (default 20): process spawn to the guest's first
 //!   boot-marker write, spawn to process exit, and the VMM's RSS beyond guest memory.
 //! - `memtest`: `memtest` on each backend (default 1G, 1 vCPU): wall time per GiB of
 //!   guest RAM written and verified, and the guest's own write cost per page.
+//! - `coverage`: `memtest` (512M) on every backend and page size: asked vs got, and
+//!   how much of guest RAM the host and KVM map huge.
+//! - `memlat`: pointer-chase latency at CPL3 on anon 4K, thp, hugetlb 2M and 1G
+//!   (default 2G guest), with the ratio to 4K.
+//! - `prefault`: start-up time with `prefault=on` for 1, 4 and 16 GiB guests
+//!   (memfd and hugetlb 2M), and prefault throughput.
+//!
+//! hugetlb runs use `reserve=auto`: pools are grown for the run and given back.
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -131,6 +140,110 @@ fn memtest(size: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn coverage() -> Result<(), String> {
+    println!("\n### Huge-page coverage: memtest 512M, 1 vCPU\n");
+    println!("| --memory | asked | got | host huge | KVM huge | KVM pages_4k / pages_2m / pages_1g |");
+    println!("|---|---|---|---|---|---|");
+    let shm = Scratch::under(std::path::Path::new("/dev/shm"), "bench-cov");
+    let file = shm.path("ram");
+    std::fs::write(&file, b"").map_err(|e| e.to_string())?;
+    let mems = [
+        "backend=anon".to_string(),
+        "backend=memfd".into(),
+        "backend=gmem".into(),
+        format!("backend=file,path={}", file.display()),
+        "backend=hugetlb,reserve=auto".into(),
+        "backend=thp".into(),
+        "backend=thp,shared=on,prefault=on".into(),
+    ];
+    let mut rows: Vec<(String, String)> = mems.iter().map(|m| (format!("size=512M,{m}"), m.clone())).collect();
+    rows.push(("size=1G,backend=hugetlb,page-size=1G,reserve=auto".into(), "hugetlb 1G".into()));
+    for (mem, label) in rows {
+        let label = label.split(",path=").next().unwrap_or(&label).to_string();
+        match run(&["--guest=memtest".into(), format!("--memory={mem}")]) {
+            Ok(r) => {
+                let z = &r.stats["zones"][0];
+                let c = &r.stats["coverage"];
+                let k = &r.stats["kvm_vm"];
+                println!(
+                    "| {label} | {} | {} | {:.1}% | {:.1}% | {} / {} / {} |",
+                    z["asked"].as_str().unwrap_or("?"),
+                    z["got"].as_str().unwrap_or("?"),
+                    c["host_huge_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+                    c["kvm_huge_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+                    k["pages_4k"],
+                    k["pages_2m"],
+                    k["pages_1g"]
+                );
+            }
+            Err(e) => println!("| {label} | failed: {e} | | | | |"),
+        }
+    }
+    Ok(())
+}
+
+fn memlat(size: &str) -> Result<(), String> {
+    println!("\n### memlat: pointer chase at CPL3, {size} guest, 1 vCPU\n");
+    println!("| backend | working set | ns/access | cycles/access | vs anon 4K | KVM pages_2m |");
+    println!("|---|---|---|---|---|---|");
+    let mut base = None;
+    for (label, mem) in [
+        ("anon 4K", "backend=anon".to_string()),
+        ("thp anon", "backend=thp".into()),
+        ("hugetlb 2M", "backend=hugetlb,reserve=auto".into()),
+        ("hugetlb 1G", "backend=hugetlb,page-size=1G,reserve=auto".into()),
+    ] {
+        let r = match run(&["--guest=memlat".into(), format!("--memory=size={size},{mem}")]) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("| {label} | failed: {e} | | | | |");
+                continue;
+            }
+        };
+        let line = r.serial.lines().find(|l| l.contains("ns/access")).unwrap_or("").to_string();
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let (cycles, ns) = match w.as_slice() {
+            ["memlat:", c, "cycles/access", n, "ns/access"] => (c.to_string(), n.parse::<f64>().unwrap_or(0.0)),
+            _ => return Err(format!("unexpected memlat output: {:?}", r.serial)),
+        };
+        let ws = r.serial.lines().find(|l| l.starts_with("memlat: working set")).unwrap_or("");
+        let ws = ws.split_whitespace().nth(3).and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+        let base_ns = *base.get_or_insert(ns);
+        println!(
+            "| {label} | {} MiB | {ns:.1} | {cycles} | {:.2}x | {} |",
+            ws >> 20,
+            base_ns / ns.max(0.001),
+            r.stats["kvm_vm"]["pages_2m"]
+        );
+    }
+    Ok(())
+}
+
+fn prefault() -> Result<(), String> {
+    println!("\n### Start-up with prefault=on (hello, 1 vCPU)\n");
+    println!("| guest RAM | backend | spawn to boot marker | prefault throughput |");
+    println!("|---|---|---|---|");
+    let baseline = run(&[])?.spawn_to_marker_us;
+    for gib in [1u64, 4, 16] {
+        for mem in ["backend=memfd", "backend=hugetlb,reserve=auto"] {
+            let r = run(&[format!("--memory=size={gib}G,{mem},prefault=on")]);
+            match r {
+                Ok(r) => {
+                    let secs = (r.spawn_to_marker_us - baseline).max(1.0) / 1e6;
+                    println!(
+                        "| {gib} GiB | {} | {:.0} ms | {:.1} GiB/s |",
+                        mem.split(',').next().unwrap_or(mem).trim_start_matches("backend="),
+                        r.spawn_to_marker_us / 1e3,
+                        gib as f64 / secs
+                    );
+                }
+                Err(e) => println!("| {gib} GiB | {mem} | failed: {e} | |"),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -147,7 +260,11 @@ fn machine() -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let args = if args.is_empty() { vec!["boot".to_string(), "memtest".to_string()] } else { args };
+    let args = if args.is_empty() {
+        ["boot", "memtest", "coverage", "memlat", "prefault"].map(String::from).to_vec()
+    } else {
+        args
+    };
     println!("Machine: {}", machine());
     println!("Binary: {}", mosaic_bin().display());
     let mut i = 0;
@@ -156,7 +273,10 @@ fn main() {
         let r = match args[i].as_str() {
             "boot" => boot(next_num.as_deref().and_then(|n| n.parse().ok()).unwrap_or(20)),
             "memtest" => memtest(next_num.as_deref().unwrap_or("1G")),
-            other => Err(format!("unknown benchmark '{other}' (boot, memtest)")),
+            "coverage" => coverage(),
+            "memlat" => memlat(next_num.as_deref().unwrap_or("2G")),
+            "prefault" => prefault(),
+            other => Err(format!("unknown benchmark '{other}' (boot, memtest, coverage, memlat, prefault)")),
         };
         if let Err(e) = r {
             eprintln!("mosaic-bench: {e}");
