@@ -16,12 +16,14 @@
 #![deny(missing_docs)]
 
 pub mod accessor;
+pub mod attrs;
 pub mod backend;
 pub mod capacity;
 pub mod layout;
 pub mod mapping;
 
 pub use accessor::{AccessError, GuestMemory, GuestRegion};
+pub use attrs::{AttrError, Attributes, PageState};
 pub use backend::{BackendKind, BackendSpec, Backing, Fallback, GmemFactory, Reserve};
 pub use layout::{E820Entry, E820Kind, LayoutError, MemoryLayout, RegionLayout, ZoneSpec};
 

@@ -77,13 +77,14 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn boot(n: usize) -> Result<(), String> {
-    let (mut marker, mut exit, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut marker, mut exit, mut rss, mut pss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     run(&[])?; // warm the page cache
     for _ in 0..n {
         let r = run(&[])?;
         marker.push(r.spawn_to_marker_us);
         exit.push(r.spawn_to_exit_us);
         rss.push(r.stats["vmm_rss_bytes"].as_u64().unwrap_or(0) as f64);
+        pss.push(r.stats["vmm_pss_bytes"].as_u64().unwrap_or(0) as f64);
     }
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
@@ -94,6 +95,7 @@ fn boot(n: usize) -> Result<(), String> {
         ("spawn to guest boot marker", &mut marker, "ms", 1e3),
         ("spawn to process exit", &mut exit, "ms", 1e3),
         ("VMM RSS beyond guest memory", &mut rss, "MiB", 1048576.0),
+        ("VMM PSS beyond guest memory", &mut pss, "MiB", 1048576.0),
     ] {
         let (lo, hi) = (min(v), max(v));
         let m = median(v);

@@ -105,6 +105,8 @@ pub fn execute(
     }
     let reports = vcpu::stop_all(handles);
     devices.flush();
+    // The VMM's own footprint is read first, before building the report allocates.
+    let (rss, pss) = (report::vm_rss(), report::vm_pss());
     let kvm_vm = vm_stats.and_then(|s| s.read().ok()).unwrap_or_default();
     Ok(RunReport::new(ReportInputs {
         outcome: ctl.outcome(),
@@ -115,7 +117,8 @@ pub fn execute(
         memory: report::regions(&mem),
         kvm_vm,
         kvm_vcpus: reports.into_iter().map(|r| r.stats).collect(),
-        rss: report::vm_rss(),
+        rss,
+        pss,
         unknown_port_accesses: devices.unknown_accesses(),
     }))
 }

@@ -82,6 +82,9 @@ pub struct RunReport {
     pub kvm_vcpu: BTreeMap<String, u64>,
     /// VMM resident memory beyond guest RAM (VmRSS minus guest resident bytes).
     pub vmm_rss_bytes: Option<u64>,
+    /// The same as a proportional set size (shared library pages divided among the
+    /// processes that map them): smaps_rollup Pss minus guest resident bytes.
+    pub vmm_pss_bytes: Option<u64>,
     /// Port accesses no device claimed.
     pub unknown_port_accesses: u64,
 }
@@ -154,6 +157,12 @@ pub fn vm_rss() -> Option<u64> {
     guest_mem::capacity::parse_meminfo_field(&s, "VmRSS")
 }
 
+/// Pss of this process (smaps_rollup), in bytes.
+pub fn vm_pss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    guest_mem::capacity::parse_meminfo_field(&s, "Pss")
+}
+
 /// Inputs to [`RunReport::new`].
 #[derive(Debug)]
 pub struct ReportInputs {
@@ -175,6 +184,8 @@ pub struct ReportInputs {
     pub kvm_vcpus: Vec<BTreeMap<String, u64>>,
     /// VmRSS.
     pub rss: Option<u64>,
+    /// Pss.
+    pub pss: Option<u64>,
     /// Unknown port accesses.
     pub unknown_port_accesses: u64,
 }
@@ -218,6 +229,7 @@ impl RunReport {
             kvm_vm: i.kvm_vm,
             kvm_vcpu,
             vmm_rss_bytes: i.rss.map(|r| r.saturating_sub(guest_resident)),
+            vmm_pss_bytes: i.pss.map(|r| r.saturating_sub(guest_resident)),
             unknown_port_accesses: i.unknown_port_accesses,
         }
     }
