@@ -15,6 +15,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("memtest", &["crt0.S", "rt.c", "memtest.c"]),
     ("fault", &["crt0.S", "rt.c", "fault.c"]),
     ("memlat", &["crt0.S", "rt.c", "memlat.c"]),
+    ("convert", &["crt0.S", "rt.c", "convert.c"]),
     ("probe", &["probe.S"]),
 ];
 

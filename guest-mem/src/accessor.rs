@@ -7,11 +7,14 @@
 //! panics. This is the seam where private pages will be refused too.
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use thiserror::Error;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use crate::attrs::{AttrError, Attributes, PageState};
 use crate::backend::{BackendError, BackendKind, Backing, GmemFactory};
+use crate::convert::{ContentMode, ConvError, ConvRequest, ConvStats, ConvStatsSnapshot};
 use crate::layout::MemoryLayout;
 
 type Mem = GuestMemoryMmap<()>;
@@ -42,6 +45,16 @@ pub enum AccessError {
         gpa: u64,
         /// Length.
         len: u64,
+    },
+    /// The range touches a page private to the guest.
+    #[error("access of {len} bytes at {gpa:#x} touches private page {page:#x}")]
+    Private {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// First private page in the range.
+        page: u64,
     },
     /// vm-memory refused the access.
     #[error("guest memory access at {gpa:#x} failed")]
@@ -101,6 +114,8 @@ pub struct GuestMemory {
     // Field order matters: vm-memory's view (which does not own the mappings) is
     // dropped before the backings that own them.
     mem: Mem,
+    attrs: RwLock<Attributes>,
+    conv_stats: ConvStats,
     regions: Vec<GuestRegion>,
     layout: MemoryLayout,
     backings: Vec<Backing>,
@@ -117,17 +132,22 @@ impl GuestMemory {
     ) -> Result<Self, BuildError> {
         let mut backings = Vec::with_capacity(layout.zones().len());
         for (zone, z) in layout.zones().iter().enumerate() {
+            let pieces: Vec<(u64, u64)> =
+                layout.regions().iter().filter(|r| r.zone == zone).map(|r| (r.zone_offset, r.size)).collect();
             let zone_progress = progress.map(|p| move |done: u64, total: u64| p(zone, done, total));
             let zp = zone_progress.as_ref().map(|f| f as &(dyn Fn(u64, u64) + Sync));
-            let b =
-                Backing::create(&z.backend, z.size, gmem, zp).map_err(|source| BuildError::Backing { zone, source })?;
+            let b = Backing::create(&z.backend, z.size, &pieces, gmem, zp)
+                .map_err(|source| BuildError::Backing { zone, source })?;
             backings.push(b);
         }
         let mut regions = Vec::new();
         let mut vm_regions = Vec::new();
+        let mut piece = vec![0usize; backings.len()];
         for r in layout.regions() {
             let b = &backings[r.zone];
-            let host_addr = b.mapping().addr() + r.zone_offset;
+            let m = &b.mappings()[piece[r.zone]];
+            piece[r.zone] += 1;
+            let host_addr = m.addr();
             let gmem_fd = match b.spec().kind {
                 BackendKind::Gmem => b.fd().map(|f| f.as_raw_fd()),
                 _ => None,
@@ -143,18 +163,19 @@ impl GuestMemory {
                 gmem_fd,
             });
             let len = r.size as usize;
-            // SAFETY: [host_addr, host_addr+len) lies inside the backing's live mapping
-            // (zone_offset + size <= zone size), made with the prot and flags passed;
-            // `backings` outlives `mem` (field order above).
-            let mmap =
-                unsafe { MmapRegion::build_raw(host_addr as *mut u8, len, b.mapping().prot(), b.mapping().flags()) }
-                    .map_err(BuildError::Regions)?;
+            // SAFETY: [host_addr, host_addr+len) is exactly the piece's live mapping,
+            // made with the prot and flags passed; `backings` outlives `mem` (field
+            // order above).
+            let mmap = unsafe { MmapRegion::build_raw(host_addr as *mut u8, len, m.prot(), m.flags()) }
+                .map_err(BuildError::Regions)?;
             let region = GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
                 .ok_or(BuildError::Collection(vm_memory::GuestRegionCollectionError::NoMemoryRegion))?;
             vm_regions.push(region);
         }
         let mem = Mem::from_regions(vm_regions).map_err(BuildError::Collection)?;
-        Ok(GuestMemory { mem, regions, layout, backings })
+        let ram: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.size)).collect();
+        let attrs = RwLock::new(Attributes::new(&ram, PageState::Shared));
+        Ok(GuestMemory { mem, attrs, conv_stats: ConvStats::default(), regions, layout, backings })
     }
 
     /// The layout this memory was built from.
@@ -191,16 +212,112 @@ impl GuestMemory {
         Ok(())
     }
 
+    fn attrs(&self) -> RwLockReadGuard<'_, Attributes> {
+        // A poisoned lock only means a panic elsewhere; the attributes themselves are
+        // always consistent (every change is validated before it is made).
+        self.attrs.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that `[gpa, gpa+len)` is guest RAM and entirely shared; returns the
+    /// attribute guard, held for the duration of the access so that no conversion
+    /// can run halfway through it.
+    fn check_shared(&self, gpa: u64, len: u64) -> Result<RwLockReadGuard<'_, Attributes>, AccessError> {
+        self.check(gpa, len)?;
+        let attrs = self.attrs();
+        if let Some(page) = attrs.first_not(gpa, len, PageState::Shared) {
+            return Err(AccessError::Private { gpa, len, page });
+        }
+        Ok(attrs)
+    }
+
     /// Reads `buf.len()` bytes at `gpa`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
-        self.check(gpa, buf.len() as u64)?;
+        let _attrs = self.check_shared(gpa, buf.len() as u64)?;
         self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|source| AccessError::Memory { gpa, source })
     }
 
     /// Writes `buf` at `gpa`.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError> {
-        self.check(gpa, buf.len() as u64)?;
+        let _attrs = self.check_shared(gpa, buf.len() as u64)?;
         self.mem.write_slice(buf, GuestAddress(gpa)).map_err(|source| AccessError::Memory { gpa, source })
+    }
+
+    /// Bytes of guest RAM that are private, and shared.
+    pub fn private_shared_bytes(&self) -> (u64, u64) {
+        let a = self.attrs();
+        (a.private_bytes(), a.shared_bytes())
+    }
+
+    /// Naturally aligned `block`-sized ranges that hold both private and shared pages.
+    pub fn mixed_blocks(&self, block: u64) -> u64 {
+        self.attrs().mixed_blocks(block)
+    }
+
+    /// Whether the page holding `gpa` is private (`None` outside RAM).
+    pub fn state_of(&self, gpa: u64) -> Option<PageState> {
+        self.attrs().state_of(gpa)
+    }
+
+    /// Runs a conversion: checks the whole request first (nothing changes on error),
+    /// scrubs the pages that change state when the mode is ZERO (with stores, so huge
+    /// pages stay huge), then flips their state. Holds the attribute lock for writing
+    /// throughout, so VMM accesses see the range wholly before or after. Returns the
+    /// number of pages that changed state.
+    pub fn convert(&self, req: &ConvRequest) -> Result<u64, ConvError> {
+        let start = std::time::Instant::now();
+        let r = self.convert_locked(req);
+        match r {
+            Ok(_) => self.conv_stats.record(req.pages, start.elapsed().as_nanos().try_into().unwrap_or(u64::MAX)),
+            Err(_) => self.conv_stats.record_failure(),
+        }
+        r
+    }
+
+    /// Counts a request refused before it reached [`GuestMemory::convert`] (decoding).
+    pub fn note_refused_conversion(&self) {
+        self.conv_stats.record_failure();
+    }
+
+    /// Conversion counters and latencies so far.
+    pub fn conversion_stats(&self) -> ConvStatsSnapshot {
+        self.conv_stats.snapshot()
+    }
+
+    fn convert_locked(&self, req: &ConvRequest) -> Result<u64, ConvError> {
+        let len = req.len().ok_or(ConvError::Range)?;
+        self.check(req.gpa, len).map_err(|_| ConvError::Range)?;
+        let mut attrs = self.attrs.write().unwrap_or_else(|e| e.into_inner());
+        attrs.check(req.gpa, len).map_err(|e| match e {
+            AttrError::Unaligned { .. } | AttrError::Empty => ConvError::Invalid,
+            _ => ConvError::Range,
+        })?;
+        if req.mode == ContentMode::Zero {
+            for (gpa, n) in changing_ranges(&attrs, req.gpa, len, req.target) {
+                self.scrub(gpa, n).map_err(|_| ConvError::Range)?;
+            }
+        }
+        attrs.set(req.gpa, len, req.target).map_err(|_| ConvError::Range)
+    }
+
+    /// Makes `[gpa, gpa+len)` private without touching its contents (the initial
+    /// state of `private=on` zones, applied after the VMM has loaded the guest).
+    pub fn make_private(&self, gpa: u64, len: u64) -> Result<u64, AttrError> {
+        self.attrs.write().unwrap_or_else(|e| e.into_inner()).set(gpa, len, PageState::Private)
+    }
+
+    /// Zeros guest RAM with stores, whatever its state (the conversion engine's own
+    /// scrub; callers hold the attribute write lock).
+    fn scrub(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
+        let zeros = [0u8; 4096];
+        let mut at = gpa;
+        while at < gpa + len {
+            let n = (gpa + len - at).min(zeros.len() as u64) as usize;
+            self.mem
+                .write_slice(&zeros[..n], GuestAddress(at))
+                .map_err(|source| AccessError::Memory { gpa: at, source })?;
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Reads a plain-data value at `gpa`.
@@ -217,7 +334,7 @@ impl GuestMemory {
 
     /// Fills `[gpa, gpa+len)` with zeros.
     pub fn zero(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
-        self.check(gpa, len)?;
+        drop(self.check_shared(gpa, len)?);
         let chunk = [0u8; 4096];
         let mut at = gpa;
         while at < gpa + len {
@@ -233,6 +350,33 @@ impl GuestMemory {
     /// images they load; everything else goes through the checked methods above.
     pub fn loader_view(&self) -> &GuestMemoryMmap<()> {
         &self.mem
+    }
+}
+
+/// The parts of `[gpa, gpa+len)` not already in `target`, as `(gpa, len)` ranges.
+fn changing_ranges(attrs: &Attributes, gpa: u64, len: u64, target: PageState) -> Vec<(u64, u64)> {
+    let end = gpa + len;
+    let private: Vec<(u64, u64)> = attrs
+        .private_ranges()
+        .filter(|&(g, l)| g < end && g + l > gpa)
+        .map(|(g, l)| (g.max(gpa), (g + l).min(end)))
+        .collect();
+    match target {
+        PageState::Shared => private.into_iter().map(|(s, e)| (s, e - s)).collect(),
+        PageState::Private => {
+            let mut out = Vec::new();
+            let mut at = gpa;
+            for (s, e) in private {
+                if s > at {
+                    out.push((at, s - at));
+                }
+                at = e;
+            }
+            if at < end {
+                out.push((at, end - at));
+            }
+            out
+        }
     }
 }
 
@@ -272,6 +416,43 @@ mod tests {
         assert!(matches!(m.read(u64::MAX - 4, &mut b), Err(AccessError::Overflow { .. })));
         assert!(matches!(m.write(0xC000_0000, &b), Err(AccessError::MmioHole { .. })));
         assert!(matches!(m.check(0xBFFF_FFF8, 16), Err(AccessError::MmioHole { .. })));
+    }
+
+    #[test]
+    fn private_pages_are_refused_and_conversions_zero_or_preserve() {
+        use crate::convert::decode_port;
+        let m = mem(BackendKind::Memfd, &[4 << 20]);
+        let p = 0x10_0000;
+        m.write(p, &[7u8; 8192]).unwrap();
+        assert_eq!(m.convert(&decode_port(p, 2, 1 | 2).unwrap()), Ok(2), "private, preserve");
+        let mut b = [0u8; 16];
+        assert!(matches!(m.read(p + 4096, &mut b), Err(AccessError::Private { page, .. }) if page == p + 4096));
+        assert!(matches!(m.write(p - 8, &b), Err(AccessError::Private { page, .. }) if page == p));
+        assert!(m.read(p - 16, &mut b).is_ok(), "the shared neighbour still works");
+        assert_eq!(m.private_shared_bytes(), (8192, (4 << 20) - 8192));
+        assert_eq!(m.mixed_blocks(2 << 20), 1);
+        // Preserve back to shared keeps the data; zero scrubs.
+        assert_eq!(m.convert(&decode_port(p, 1, 2).unwrap()), Ok(1));
+        m.read(p, &mut b).unwrap();
+        assert_eq!(b, [7u8; 16]);
+        assert_eq!(m.convert(&decode_port(p, 2, 0).unwrap()), Ok(1), "only the private page changes");
+        m.read(p, &mut b).unwrap();
+        assert_eq!(b, [7u8; 16], "pages already shared are not scrubbed");
+        m.read(p + 4096, &mut b).unwrap();
+        assert_eq!(b, [0u8; 16], "the converted page reads zeros");
+        // Bad requests change nothing.
+        assert_eq!(m.convert(&decode_port(p, 1 << 20, 1).unwrap()), Err(ConvError::Range));
+        assert_eq!(m.convert(&decode_port(0xC000_0000, 1, 1).unwrap()), Err(ConvError::Range));
+        assert_eq!(m.private_shared_bytes().0, 0);
+    }
+
+    #[test]
+    fn changing_ranges_are_the_complement() {
+        let mut a = Attributes::new(&[(0, 1 << 20)], PageState::Shared);
+        a.set(0x2000, 0x2000, PageState::Private).unwrap();
+        assert_eq!(changing_ranges(&a, 0, 0x8000, PageState::Shared), vec![(0x2000, 0x2000)]);
+        assert_eq!(changing_ranges(&a, 0, 0x8000, PageState::Private), vec![(0, 0x2000), (0x4000, 0x4000)]);
+        assert_eq!(changing_ranges(&a, 0x3000, 0x1000, PageState::Private), vec![]);
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub struct BackendSpec {
     /// What to do when the huge pages asked for cannot be had.
     #[serde(default)]
     pub fallback: Fallback,
+    /// The zone's RAM starts private to the guest (needs a backing with an fd).
+    #[serde(default)]
+    pub private: bool,
 }
 
 fn default_page_size() -> u64 {
@@ -197,6 +200,7 @@ impl BackendSpec {
             shared: false,
             reserve: Reserve::Off,
             fallback: Fallback::Error,
+            private: false,
         }
     }
 
@@ -321,101 +325,117 @@ pub enum BackendError {
     },
 }
 
-/// The host memory behind one zone: an fd (if the kind has one) and its mapping.
+/// The host memory behind one zone: an fd (if the kind has one) and one mapping per
+/// piece of the zone (a zone split by the MMIO hole has two pieces, each its own
+/// mapping, so /proc/self/smaps reports each guest RAM region on its own).
 #[derive(Debug)]
 pub struct Backing {
     spec: BackendSpec,
     // Declared before `fd`: unmapped before the fd is closed.
-    mapping: Mapping,
+    mappings: Vec<Mapping>,
     fd: Option<OwnedFd>,
 }
 
 impl Backing {
-    /// Creates the backing for a zone of `size` bytes; with `prefault`, populates it on
-    /// every CPU, calling `progress(done, total)` as it goes.
+    /// Creates the backing for a zone of `size` bytes, mapped as `pieces` (`(offset,
+    /// len)` within the zone, in order, covering it; empty = one piece); with
+    /// `prefault`, populates it on every CPU, calling `progress(done, total)` as it goes.
     pub fn create(
         spec: &BackendSpec,
         size: u64,
+        pieces: &[(u64, u64)],
         gmem: Option<&dyn GmemFactory>,
         progress: Option<&(dyn Fn(u64, u64) + Sync)>,
     ) -> Result<Self, BackendError> {
-        let len = usize::try_from(size).map_err(|_| BackendError::Map {
-            kind: spec.kind,
-            size,
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        })?;
+        let invalid =
+            || BackendError::Map { kind: spec.kind, size, source: io::Error::from(io::ErrorKind::InvalidInput) };
+        let whole = [(0, size)];
+        let pieces = if pieces.is_empty() { &whole[..] } else { pieces };
+        if pieces.iter().map(|p| p.1).sum::<u64>() != size {
+            return Err(invalid());
+        }
         let align = spec.placement_align() as usize;
         let map_err = |source| BackendError::Map { kind: spec.kind, size, source };
-        let (fd, mapping) = match spec.kind {
-            BackendKind::Anon => (None, Mapping::anonymous(len, align).map_err(map_err)?),
-            BackendKind::Memfd => {
-                let fd = memfd(size).map_err(|source| BackendError::Memfd { size, source })?;
-                let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
-                (Some(fd), m)
-            }
+        let fd = match spec.kind {
+            BackendKind::Anon => None,
+            BackendKind::Memfd => Some(memfd(size).map_err(|source| BackendError::Memfd { size, source })?),
             BackendKind::Gmem => {
                 let factory = gmem.ok_or(BackendError::NoGmemFactory)?;
                 let fd = factory
                     .create_guest_memfd(size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
                     .map_err(|source| BackendError::Gmem { size, source })?;
-                let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
-                (Some(fd), m)
+                Some(fd)
             }
             BackendKind::Hugetlb => {
                 let page = crate::page_label(spec.page_size);
-                let hugetlb_err = |source| BackendError::Hugetlb { size, page: page.clone(), source };
                 let fd = hugetlb_memfd(size, spec.page_size).map_err(|e| match e {
-                    Some(source) => hugetlb_err(source),
+                    Some(source) => BackendError::Hugetlb { size, page: page.clone(), source },
                     None => BackendError::PageSize { kind: spec.kind, page: page.clone() },
                 })?;
-                let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(hugetlb_err)?;
-                (Some(fd), m)
+                Some(fd)
             }
             BackendKind::Thp => {
                 if spec.page_size != PAGE_2M {
                     let page = crate::page_label(spec.page_size);
                     return Err(BackendError::PageSize { kind: spec.kind, page });
                 }
-                let (fd, m) = if spec.shared {
-                    let fd = memfd(size).map_err(|source| BackendError::Memfd { size, source })?;
-                    let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
-                    (Some(fd), m)
-                } else {
-                    (None, Mapping::anonymous(len, align).map_err(map_err)?)
-                };
-                m.madvise(libc::MADV_HUGEPAGE).map_err(map_err)?;
-                (fd, m)
+                match spec.shared {
+                    true => Some(memfd(size).map_err(|source| BackendError::Memfd { size, source })?),
+                    false => None,
+                }
             }
             BackendKind::File => {
                 let path = spec.path.as_ref().ok_or(BackendError::MissingPath)?;
-                let file = open_backing_file(path, size)?;
-                let fd = OwnedFd::from(file);
-                let m = Mapping::shared(fd.as_fd(), 0, len, align).map_err(map_err)?;
-                (Some(fd), m)
+                Some(OwnedFd::from(open_backing_file(path, size)?))
             }
         };
+        let mut mappings = Vec::with_capacity(pieces.len());
+        for &(off, len) in pieces {
+            let len = usize::try_from(len).map_err(|_| invalid())?;
+            let m = match &fd {
+                Some(fd) => Mapping::shared(fd.as_fd(), off, len, align),
+                None => Mapping::anonymous(len, align),
+            };
+            let m = m.map_err(|source| match spec.kind {
+                // hugetlb reserves its pages when mapped: this is where a short pool shows.
+                BackendKind::Hugetlb => BackendError::Hugetlb { size, page: crate::page_label(spec.page_size), source },
+                _ => map_err(source),
+            })?;
+            if spec.kind == BackendKind::Thp {
+                m.madvise(libc::MADV_HUGEPAGE).map_err(map_err)?;
+            }
+            mappings.push(m);
+        }
         if spec.prefault {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let chunk = (PREFAULT_CHUNK as usize).max(align);
-            mapping.populate_write_parallel(threads, chunk, progress).map_err(|source| BackendError::Prefault {
-                kind: spec.kind,
-                size,
-                source,
-            })?;
-            if spec.kind == BackendKind::Thp {
-                // Rebuild huge pages wherever the fault path gave small ones (shmem THP
-                // off, fragmentation): MADV_COLLAPSE ignores the sysfs THP settings.
-                // Best effort: what it could not collapse shows in the coverage report.
-                let _ = mapping.madvise(MADV_COLLAPSE);
+            let mut before = 0u64;
+            for m in &mappings {
+                let base = before;
+                let piece_progress = progress.map(|p| move |done: u64, _: u64| p(base + done, size));
+                let pp = piece_progress.as_ref().map(|f| f as &(dyn Fn(u64, u64) + Sync));
+                m.populate_write_parallel(threads, chunk, pp).map_err(|source| BackendError::Prefault {
+                    kind: spec.kind,
+                    size,
+                    source,
+                })?;
+                if spec.kind == BackendKind::Thp {
+                    // Rebuild huge pages wherever the fault path gave small ones (shmem
+                    // THP off, fragmentation): MADV_COLLAPSE ignores the sysfs THP
+                    // settings. Best effort: what it could not collapse shows in the
+                    // coverage report.
+                    let _ = m.madvise(MADV_COLLAPSE);
+                }
+                before += m.len() as u64;
             }
         }
-        Ok(Backing { spec: spec.clone(), mapping, fd })
+        Ok(Backing { spec: spec.clone(), mappings, fd })
     }
 
     /// Collapses the zone's memory into huge pages (`MADV_COLLAPSE`); for `thp` zones
     /// whose huge pages were split.
     pub fn collapse(&self) -> io::Result<()> {
-        self.mapping.madvise(MADV_COLLAPSE)
+        self.mappings.iter().try_for_each(|m| m.madvise(MADV_COLLAPSE))
     }
 
     /// The spec it was made from.
@@ -423,9 +443,9 @@ impl Backing {
         &self.spec
     }
 
-    /// The host mapping.
-    pub fn mapping(&self) -> &Mapping {
-        &self.mapping
+    /// The host mappings, one per piece, in order.
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
     }
 
     /// The backing fd, if the kind has one.
@@ -504,9 +524,9 @@ mod tests {
     fn memfd_backing_has_fd_and_prefaults() {
         let mut spec = BackendSpec::new(BackendKind::Memfd);
         spec.prefault = true;
-        let b = Backing::create(&spec, 4 << 20, None, None).unwrap();
+        let b = Backing::create(&spec, 4 << 20, &[], None, None).unwrap();
         assert!(b.fd().is_some());
-        assert_eq!(b.mapping().addr() % PAGE_2M, 0);
+        assert_eq!(b.mappings()[0].addr() % PAGE_2M, 0);
     }
 
     #[test]
@@ -517,14 +537,14 @@ mod tests {
         std::fs::write(&p, b"").unwrap();
         let mut spec = BackendSpec::new(BackendKind::File);
         spec.path = Some(p.clone());
-        Backing::create(&spec, 2 << 20, None, None).unwrap();
+        Backing::create(&spec, 2 << 20, &[], None, None).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 20);
         spec.path = Some(dir.join("missing"));
-        assert!(matches!(Backing::create(&spec, 2 << 20, None, None), Err(BackendError::File { .. })));
+        assert!(matches!(Backing::create(&spec, 2 << 20, &[], None, None), Err(BackendError::File { .. })));
         spec.path = Some(dir.clone());
-        assert!(Backing::create(&spec, 2 << 20, None, None).is_err());
+        assert!(Backing::create(&spec, 2 << 20, &[], None, None).is_err());
         spec.path = None;
-        assert!(matches!(Backing::create(&spec, 2 << 20, None, None), Err(BackendError::MissingPath)));
+        assert!(matches!(Backing::create(&spec, 2 << 20, &[], None, None), Err(BackendError::MissingPath)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -537,6 +557,6 @@ mod tests {
     #[test]
     fn gmem_without_a_vm_is_refused() {
         let spec = BackendSpec::new(BackendKind::Gmem);
-        assert!(matches!(Backing::create(&spec, 2 << 20, None, None), Err(BackendError::NoGmemFactory)));
+        assert!(matches!(Backing::create(&spec, 2 << 20, &[], None, None), Err(BackendError::NoGmemFactory)));
     }
 }

@@ -19,6 +19,7 @@ pub mod accessor;
 pub mod attrs;
 pub mod backend;
 pub mod capacity;
+pub mod convert;
 pub mod layout;
 pub mod mapping;
 

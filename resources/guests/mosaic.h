@@ -28,6 +28,31 @@
 /* Upper bound for per-vCPU arrays in programs (KVM_CAP_MAX_VCPUS here is 1024). */
 #define MOSAIC_MAX_VCPUS     1024u
 
+/* Private memory (docs/PRIVATE-MEMORY.md): per-vCPU 32-bit registers. */
+#define PORT_CONVERT_GPA_LO   0x520 /* out32: GPA bits 31:0 */
+#define PORT_CONVERT_GPA_HI   0x524 /* out32: GPA bits 63:32 */
+#define PORT_CONVERT_PAGES    0x528 /* out32: number of 4 KiB pages */
+#define PORT_CONVERT_DOORBELL 0x52c /* out32: flags, runs the request; in32: status */
+#define PORT_DMA_GPA_LO       0x530 /* out32: GPA bits 31:0 */
+#define PORT_DMA_GPA_HI       0x534 /* out32: GPA bits 63:32 */
+#define PORT_DMA_LEN          0x538 /* out32: length; in32: the last READ's byte sum */
+#define PORT_DMA_DOORBELL     0x53c /* out32: op | arg << 8, runs the request; in32: status */
+
+#define CONVERT_PRIVATE      1u /* flags bit 0: target private (clear: shared) */
+#define CONVERT_PRESERVE     2u /* flags bit 1: keep the contents (clear: ZERO) */
+#define CONVERT_OK           0u /* conversion status codes */
+#define CONVERT_INVALID      1u /* unaligned GPA, zero page count, unknown flag bits */
+#define CONVERT_RANGE        2u /* overflow, or not entirely guest RAM */
+#define CONVERT_UNSUPPORTED  3u
+
+#define DMA_OP_READ          1u /* checksum the range (wrapping u32 byte sum) */
+#define DMA_OP_FILL          2u /* write doorbell bits 15:8 to every byte */
+#define DMA_MAX_LEN          (1u << 20)
+#define DMA_OK               0u /* DMA status codes */
+#define DMA_INVALID          1u /* bad op or length */
+#define DMA_RANGE            2u /* not guest RAM */
+#define DMA_PRIVATE          4u /* touches a private page */
+
 /* ---- Boot-info block (at RDX on entry, little-endian) ----------------------- */
 
 struct free_range {
@@ -83,6 +108,20 @@ static inline uint8_t inb(uint16_t port)
 {
     uint8_t v;
     __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+    return v;
+}
+
+static inline uint16_t inw(uint16_t port)
+{
+    uint16_t v;
+    __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+    return v;
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+    uint32_t v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port) : "memory");
     return v;
 }
 
@@ -169,6 +208,35 @@ struct barrier {
 };
 
 void barrier_wait(struct barrier *b, uint32_t n);
+
+/* ---- Private memory: conversion port and test DMA device -------------------- */
+/* Both run the request on the doorbell write (one VMM exit per port access) and
+ * return its status (CONVERT_* / DMA_*). The registers are this vCPU's own. */
+
+static inline uint32_t convert_pages(uint64_t gpa, uint32_t pages, uint32_t flags)
+{
+    outl(PORT_CONVERT_GPA_LO, (uint32_t)gpa);
+    outl(PORT_CONVERT_GPA_HI, (uint32_t)(gpa >> 32));
+    outl(PORT_CONVERT_PAGES, pages);
+    outl(PORT_CONVERT_DOORBELL, flags);
+    return inl(PORT_CONVERT_DOORBELL);
+}
+
+/* `doorbell` is DMA_OP_READ, or DMA_OP_FILL | byte << 8. */
+static inline uint32_t dma_request(uint64_t gpa, uint32_t len, uint32_t doorbell)
+{
+    outl(PORT_DMA_GPA_LO, (uint32_t)gpa);
+    outl(PORT_DMA_GPA_HI, (uint32_t)(gpa >> 32));
+    outl(PORT_DMA_LEN, len);
+    outl(PORT_DMA_DOORBELL, doorbell);
+    return inl(PORT_DMA_DOORBELL);
+}
+
+/* Byte sum (wrapping) of this vCPU's last successful DMA READ. */
+static inline uint32_t dma_read_sum(void)
+{
+    return inl(PORT_DMA_LEN);
+}
 
 /* ---- Memory (gcc may emit calls to these) ----------------------------------- */
 

@@ -10,6 +10,7 @@
 //! | `memtest` | writes and verifies every free page, split across vCPUs | see below | 0 ok, 1 mismatch or bad layout |
 //! | `fault` | reads unmapped 0x700000000000 | `fault: touching unmapped address` | #PF (VMM: 125) |
 //! | `memlat` | vCPU 0: pointer-chase load latency over all free RAM (at most 4 GiB), one random cycle through every 4 KiB page | see below | 0 ok, 1 bad layout or broken cycle |
+//! | `convert` | private memory (run with `--memory size=...,private=on`): vCPU 0 walks one page through the conversion port and the test DMA device (docs/PRIVATE-MEMORY.md), then with 2+ vCPUs all convert and DMA neighbouring pages at once against a shadow | see below | 0 ok, 1 a failed step, a mismatch or bad layout |
 //! | `probe` | for `host-check`: boot marker, 200000-iteration ALU loop, exit 0; CPL0- or CPL3-safe (only mov/add/xor/dec/jnz/out, no stack) | none | 0 |
 //!
 //! `memtest` output (vCPU 0, after all vCPUs are done):
@@ -42,13 +43,39 @@
 //! expected <pages>`; both return 1. Set-up touches every page once, so it takes about
 //! as long as the VMM needs to fault the working set in.
 
+//!
+//! `convert` output (P = the first page of the first free range; each step's expected
+//! statuses are in `resources/guests/convert.c`):
+//! ```text
+//! convert: step 1 ok          secret (qword i = 0x5ec7e70000 + i) written to P
+//! convert: step 2 ok          DMA READ P -> 4 (private)
+//! convert: step 3 ok          shared/ZERO: P reads zeros, DMA READ 0 sum 0
+//! convert: step 4 ok          DMA FILL 0xa5: the guest reads 0xa5
+//! convert: step 5 ok          private/PRESERVE: still 0xa5, DMA READ 4
+//! convert: step 6 ok          secret, shared/PRESERVE: intact, DMA sum = the guest's byte sum
+//! convert: step 7 ok          private/ZERO: zeros, DMA READ 4
+//! convert: step 8 ok          bad conversions (1 INVALID, 2 RANGE) and DMA requests change nothing
+//! convert: vcpus <n> conversions <dec> dma <dec> mismatches <dec>     (2+ vCPUs only)
+//! convert: ok                 or: convert: FAIL
+//! ```
+//! A failed step prints `convert: step <n> FAIL <what>[ at P+0x<off>]: expected 0x<hex>
+//! got 0x<hex>` (its first failure) instead of `ok`, and the run goes on. With 2+
+//! vCPUs, the pages after P are dealt out in 4-page chunks round-robin (up to 64 pages
+//! per vCPU); each vCPU does 200 rounds of converting 1-4 pages of a chunk to a random
+//! state and mode, guest writes or DMA FILLs, and DMA READs of the pages around them,
+//! checking every status, sum and guest read against its shadow of its pages; each vCPU
+//! with a mismatch adds `convert: vcpu <i> first mismatch: <what> at 0x<gpa> expected
+//! 0x<hex> got 0x<hex>` after the `vcpus` line. Without `private=on` step 2 fails.
+//! Bad layout: `convert: bad layout: <reason>` and `convert: FAIL`.
+
 /// Names of the built-in guest programs, as accepted by [`builtin`].
-pub const NAMES: &[&str] = &["hello", "memtest", "fault", "memlat", "probe"];
+pub const NAMES: &[&str] = &["hello", "memtest", "fault", "memlat", "convert", "probe"];
 
 static HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 static MEMTEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.elf"));
 static FAULT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fault.elf"));
 static MEMLAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memlat.elf"));
+static CONVERT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convert.elf"));
 static PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
 
 /// Returns the ELF image of the built-in guest program `name` (one of [`NAMES`]),
@@ -59,6 +86,7 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
         "memtest" => Some(MEMTEST),
         "fault" => Some(FAULT),
         "memlat" => Some(MEMLAT),
+        "convert" => Some(CONVERT),
         "probe" => Some(PROBE),
         _ => None,
     }
@@ -120,6 +148,30 @@ mod tests {
             assert!(
                 elf.windows(text.len()).any(|w| w == text),
                 "memlat image lacks {:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+    }
+
+    #[test]
+    fn convert_is_built_in() {
+        let elf = builtin("convert").unwrap();
+        // The pieces of the documented output lines (docs above).
+        for text in [
+            "convert: step ",
+            " ok\n",
+            " FAIL ",
+            "convert: vcpus ",
+            " conversions ",
+            " dma ",
+            " mismatches ",
+            "convert: ok\n",
+            "convert: FAIL\n",
+        ] {
+            let text = text.as_bytes();
+            assert!(
+                elf.windows(text.len()).any(|w| w == text),
+                "convert image lacks {:?}",
                 String::from_utf8_lossy(text)
             );
         }

@@ -35,7 +35,7 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Guest program: a built-in name (hello, memtest, fault, memlat) or a path to a guest ELF.
+    /// Guest program: a built-in name (hello, memtest, fault, memlat, convert) or a path to a guest ELF.
     #[arg(long, value_name = "NAME|PATH")]
     guest: Option<String>,
     /// Linux kernel to boot (bzImage or ELF vmlinux).
@@ -99,7 +99,12 @@ fn start_line(plan: &RunPlan, choices: &[vmm::preflight::ZoneChoice]) -> String 
         .iter()
         .zip(choices)
         .map(|(z, c)| {
-            let pf = if z.backend.prefault { ", prefaulted" } else { "" };
+            let pf = match (z.backend.prefault, z.backend.private) {
+                (true, true) => ", prefaulted, private",
+                (true, false) => ", prefaulted",
+                (false, true) => ", private",
+                (false, false) => "",
+            };
             let mut s = format!("{} {} ({} pages{pf})", format_size(z.size), c.got, format_size(c.page_size_got));
             if c.asked != c.got {
                 s.push_str(&format!(" [asked {}]", c.asked));

@@ -139,6 +139,7 @@ fn fallback_spec(spec: &BackendSpec) -> Option<BackendSpec> {
     };
     let mut s = BackendSpec::new(kind);
     s.prefault = spec.prefault;
+    s.private = spec.private;
     // A fallback keeps the zone's fd (live update needs one).
     s.shared = kind == BackendKind::Thp;
     s.fallback = if kind == BackendKind::Thp { Fallback::FourK } else { Fallback::Error };
@@ -252,9 +253,10 @@ pub fn run_at(root: &Path, layout: &MemoryLayout) -> Result<Preflight, Preflight
                         Some(n) => format!("{n}; {reason}"),
                         None => reason,
                     });
-                    let prefault = z.backend.prefault;
+                    let (prefault, private) = (z.backend.prefault, z.backend.private);
                     z.backend = BackendSpec::new(BackendKind::Memfd);
                     z.backend.prefault = prefault;
+                    z.backend.private = private;
                 }
                 _ => return Err(e),
             }

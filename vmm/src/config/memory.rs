@@ -17,7 +17,9 @@ pub enum MemoryFlagError {
     #[error("'{0}' is not key=value")]
     NotKeyValue(String),
     /// A key Mosaic does not know.
-    #[error("unknown key '{0}' (expected size, backend, path, prefault, page-size, shared, reserve, fallback)")]
+    #[error(
+        "unknown key '{0}' (expected size, backend, path, prefault, page-size, shared, reserve, fallback, private)"
+    )]
     UnknownKey(String),
     /// A key given twice.
     #[error("'{0}' given twice")]
@@ -58,6 +60,11 @@ pub enum MemoryFlagError {
     /// A page size the backend does not offer.
     #[error("page-size={0} is not offered (hugetlb: 2M or 1G; thp: 2M)")]
     PageSize(String),
+    /// `private=on` on a backing without an fd.
+    #[error(
+        "private=on needs a backend with an fd ({0} has none: use memfd, gmem, file, hugetlb or thp with shared=on)"
+    )]
+    PrivateWithoutFd(String),
     /// Bad reserve value.
     #[error("reserve='{0}' is not auto or off")]
     Reserve(String),
@@ -103,6 +110,9 @@ pub struct MemoryConfig {
     /// `hugetlb`/`thp`: `error` (default), `thp` or `4k` when the pages cannot be had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// The zone starts private to the guest.
+    #[serde(default)]
+    pub private: bool,
 }
 
 fn default_backend() -> String {
@@ -122,7 +132,7 @@ impl MemoryConfig {
     pub fn parse_flag(s: &str) -> Result<Self, MemoryFlagError> {
         let mut seen = std::collections::HashSet::new();
         let (mut size, mut backend, mut path, mut prefault) = (None, None, None, false);
-        let (mut page_size, mut shared, mut reserve, mut fallback) = (None, false, None, None);
+        let (mut page_size, mut shared, mut reserve, mut fallback, mut private) = (None, false, None, None, false);
         for part in s.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').ok_or_else(|| MemoryFlagError::NotKeyValue(part.into()))?;
             let k = if k == "page_size" { "page-size" } else { k };
@@ -138,6 +148,7 @@ impl MemoryConfig {
                 "shared" => shared = on_off(k, v)?,
                 "reserve" => reserve = Some(v.to_string()),
                 "fallback" => fallback = Some(v.to_string()),
+                "private" => private = on_off(k, v)?,
                 _ => return Err(MemoryFlagError::UnknownKey(k.into())),
             }
         }
@@ -150,6 +161,7 @@ impl MemoryConfig {
             shared,
             reserve,
             fallback,
+            private,
         };
         m.to_zone()?;
         Ok(m)
@@ -213,6 +225,12 @@ impl MemoryConfig {
                 backend.page_size = ps;
             }
         }
+        if self.private {
+            if !backend.has_fd() {
+                return Err(MemoryFlagError::PrivateWithoutFd(backend.describe()));
+            }
+            backend.private = true;
+        }
         Ok(ZoneSpec { size, backend })
     }
 }
@@ -263,6 +281,15 @@ mod tests {
         assert_eq!(e("size=1G,backend=hugetlb,reserve=always"), Reserve("always".into()));
         assert!(matches!(e("size=1G,backend=hugetlb,fallback=swap"), Fallback(_)));
         assert!(matches!(e("size=1G,backend=thp,fallback=thp"), Fallback(_)));
+    }
+
+    #[test]
+    fn private_needs_an_fd() {
+        assert!(MemoryConfig::parse_flag("size=64M,private=on").unwrap().to_zone().unwrap().backend.private);
+        let e = MemoryConfig::parse_flag("size=64M,backend=anon,private=on").unwrap_err();
+        assert_eq!(e, MemoryFlagError::PrivateWithoutFd("anon".into()));
+        assert!(MemoryConfig::parse_flag("size=64M,backend=thp,private=on").is_err());
+        assert!(MemoryConfig::parse_flag("size=64M,backend=thp,shared=on,private=on").is_ok());
     }
 
     #[test]

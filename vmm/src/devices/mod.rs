@@ -6,6 +6,7 @@
 
 pub mod guest_ports;
 pub mod i8042;
+pub mod paravirt;
 pub mod serial;
 
 use std::sync::Mutex;

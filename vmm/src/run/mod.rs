@@ -38,10 +38,17 @@ pub enum RunError {
     /// The kernel could not be loaded.
     #[error("cannot load the kernel")]
     Linux(#[from] linux::LinuxError),
+    /// The initial private state could not be applied.
+    #[error("cannot make private=on memory private")]
+    Private(#[from] guest_mem::attrs::AttrError),
     /// Threads, signals or the event loop failed.
     #[error("VMM runtime error")]
     Runtime(#[from] io::Error),
 }
+
+/// Where `private=on` memory starts: below it is the VMM's system area (guest
+/// programs) or boot data (Linux), which stays shared.
+pub const PRIVATE_FROM: u64 = program::layout::IMAGE_START;
 
 /// `CLOCK_MONOTONIC` now, in ns.
 pub fn monotonic_ns() -> u64 {
@@ -87,6 +94,15 @@ pub fn execute(
             cfg.kernel.display().to_string()
         }
     };
+    // private=on zones: everything the guest owns (from 2 MiB on; the system area below
+    // stays shared) becomes private now that the VMM has loaded what it loads.
+    for r in mem.regions() {
+        let end = r.gpa + r.size;
+        let start = r.gpa.max(PRIVATE_FROM);
+        if plan.layout.zones()[r.zone].backend.private && start < end {
+            mem.make_private(start, end - start)?;
+        }
+    }
     let vm_stats = StatsFd::open(vm.fd()).ok();
     vcpu::install_kick_handler()?;
     let ctl = Arc::new(RunControl::new(n, start)?);
@@ -120,5 +136,6 @@ pub fn execute(
         rss,
         pss,
         unknown_port_accesses: devices.unknown_accesses(),
+        private: report::PrivateReport::new(&mem),
     }))
 }

@@ -87,6 +87,37 @@ pub struct RunReport {
     pub vmm_pss_bytes: Option<u64>,
     /// Port accesses no device claimed.
     pub unknown_port_accesses: u64,
+    /// Private memory: page states and conversions.
+    pub private_memory: PrivateReport,
+}
+
+/// Private memory at exit (docs/PRIVATE-MEMORY.md).
+#[derive(Debug, Serialize)]
+pub struct PrivateReport {
+    /// The conversion engine: `userspace` (Mosaic enforces the rules).
+    pub engine: &'static str,
+    /// Bytes of guest RAM private to the guest.
+    pub private_bytes: u64,
+    /// Bytes shared with the VMM.
+    pub shared_bytes: u64,
+    /// 2 MiB blocks holding both private and shared pages.
+    pub mixed_2m_blocks: u64,
+    /// Conversions by size, refused requests, latency.
+    pub conversions: guest_mem::convert::ConvStatsSnapshot,
+}
+
+impl PrivateReport {
+    /// The report for `mem` now.
+    pub fn new(mem: &GuestMemory) -> Self {
+        let (private_bytes, shared_bytes) = mem.private_shared_bytes();
+        PrivateReport {
+            engine: "userspace",
+            private_bytes,
+            shared_bytes,
+            mixed_2m_blocks: mem.mixed_blocks(guest_mem::PAGE_2M),
+            conversions: mem.conversion_stats(),
+        }
+    }
 }
 
 fn us(d: Duration) -> u64 {
@@ -188,6 +219,8 @@ pub struct ReportInputs {
     pub pss: Option<u64>,
     /// Unknown port accesses.
     pub unknown_port_accesses: u64,
+    /// Private memory.
+    pub private: PrivateReport,
 }
 
 impl RunReport {
@@ -231,6 +264,7 @@ impl RunReport {
             vmm_rss_bytes: i.rss.map(|r| r.saturating_sub(guest_resident)),
             vmm_pss_bytes: i.pss.map(|r| r.saturating_sub(guest_resident)),
             unknown_port_accesses: i.unknown_port_accesses,
+            private_memory: i.private,
         }
     }
 }

@@ -18,6 +18,7 @@ use guest_mem::GuestMemory;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::control::{FaultReport, Outcome, RunControl};
+use crate::devices::paravirt::VcpuPorts;
 use crate::devices::{Devices, IoAction};
 use crate::kvm::stats::StatsFd;
 
@@ -79,11 +80,20 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, devices: &Devices, mem: &GuestMemory,
         ctl.finish(Outcome::Error { vcpu: index, message });
         VcpuState::Stopped
     };
+    let mut ports = VcpuPorts::default();
     loop {
         if ctl.stopping() {
             return VcpuState::Stopped;
         }
         let action = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) if VcpuPorts::claims(port) => {
+                ports.write(port, data, mem);
+                IoAction::Continue
+            }
+            Ok(VcpuExit::IoIn(port, data)) if VcpuPorts::claims(port) => {
+                ports.read(port, data);
+                IoAction::Continue
+            }
             Ok(VcpuExit::IoOut(port, data)) => devices.io_out(port, data),
             Ok(VcpuExit::IoIn(port, data)) => {
                 devices.io_in(port, data);

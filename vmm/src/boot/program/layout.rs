@@ -46,7 +46,7 @@ pub const SEL_UCODE: u16 = 0x23;
 pub const SEL_TSS0: u16 = 0x28;
 
 /// Ports a guest program may use (inclusive ranges); opened in every TSS I/O bitmap.
-pub const OPEN_PORTS: &[(u16, u16)] = &[(0x3f8, 0x3ff), (0x500, 0x507)];
+pub const OPEN_PORTS: &[(u16, u16)] = &[(0x3f8, 0x3ff), (0x500, 0x507), (0x520, 0x53f)];
 /// Ports covered by the I/O permission bitmap; ports above are always denied.
 pub const IOPB_PORTS: u32 = 0x600;
 

@@ -142,8 +142,18 @@ mod tests {
     fn io_bitmap_opens_only_the_abi_ports() {
         let t = tss(3);
         let allowed = |p: u16| t[104 + usize::from(p / 8)] & (1 << (p % 8)) == 0;
-        assert!(allowed(0x3f8) && allowed(0x3ff) && allowed(0x500) && allowed(0x502));
-        assert!(!allowed(0x3f7) && !allowed(0x508) && !allowed(0x510) && !allowed(0x60) && !allowed(0x5ff));
+        assert!(
+            allowed(0x3f8) && allowed(0x3ff) && allowed(0x500) && allowed(0x502) && allowed(0x520) && allowed(0x53f)
+        );
+        assert!(
+            !allowed(0x3f7)
+                && !allowed(0x508)
+                && !allowed(0x510)
+                && !allowed(0x51f)
+                && !allowed(0x540)
+                && !allowed(0x60)
+                && !allowed(0x5ff)
+        );
         assert_eq!(*t.last().unwrap(), 0xff);
         assert_eq!(u64::from_le_bytes(t[4..12].try_into().unwrap()), kstack_top(3));
     }

@@ -1,0 +1,66 @@
+//! Private memory with real guests: the `convert` guest walks through private pages,
+//! the DMA device, ZERO and PRESERVE conversions and bad requests; two vCPUs convert
+//! while the DMA device works on neighbouring pages.
+
+use std::time::Duration;
+
+use mosaic_tests::pool::PoolPages;
+use mosaic_tests::*;
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn convert(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--guest=convert"];
+    all.extend_from_slice(args);
+    let out = run_guest(&all, TIMEOUT);
+    assert_eq!(out.code, Some(0), "stderr: {}\nserial: {}", out.stderr, out.serial);
+    assert!(out.serial.contains("convert: ok"), "serial: {}", out.serial);
+    assert!(!out.serial.contains("FAIL"), "serial: {}", out.serial);
+    for step in 1..=8 {
+        assert!(out.serial.contains(&format!("convert: step {step} ok")), "step {step}: {}", out.serial);
+    }
+    out.stats.expect("stats")
+}
+
+#[test]
+fn walkthrough_on_private_memory() {
+    let s = convert(&["--memory=size=64M,private=on"]);
+    let p = &s["private_memory"];
+    assert_eq!(p["engine"], "userspace");
+    // Everything from 2 MiB on started private; the walk-through ends with its page private.
+    assert_eq!(p["private_bytes"].as_u64().unwrap() + p["shared_bytes"].as_u64().unwrap(), 64 << 20);
+    assert!(p["private_bytes"].as_u64().unwrap() >= (60 << 20), "{p}");
+    assert_eq!(p["conversions"]["pages_4k"], 4, "steps 3, 5, 6 and 7 convert one page each: {p}");
+    assert!(p["conversions"]["failed"].as_u64().unwrap() >= 6, "bad requests counted: {p}");
+}
+
+#[test]
+fn two_vcpus_convert_while_dma_works_next_door() {
+    let out = run_guest(&["--guest=convert", "--vcpus=2", "--memory=size=64M,private=on"], TIMEOUT);
+    assert_eq!(out.code, Some(0), "stderr: {}\nserial: {}", out.stderr, out.serial);
+    let line = out.serial.lines().find(|l| l.starts_with("convert: vcpus")).unwrap_or_default().to_string();
+    let w: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(w.get(2), Some(&"2"), "{line}");
+    assert_eq!(w.last(), Some(&"0"), "no mismatches: {line}");
+    assert!(w.get(4).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) >= 400, "{line}");
+}
+
+#[test]
+fn private_memory_on_hugetlb_keeps_huge_mappings() {
+    let pool = match PoolPages::reserve(2 << 20, 64) {
+        Ok(p) => p,
+        Err(why) => return skip(&format!("private hugetlb test: {why}")),
+    };
+    let s = convert(&["--memory=size=128M,backend=hugetlb,private=on,prefault=on"]);
+    let ratio = s["coverage"]["kvm_huge_ratio"].as_f64().unwrap();
+    assert!(ratio >= 0.99, "KVM huge coverage after conversions: {ratio}");
+    assert!(s["private_memory"]["mixed_2m_blocks"].as_u64().unwrap() >= 1);
+    drop(pool);
+}
+
+#[test]
+fn private_needs_a_backing_with_an_fd() {
+    let out = run_guest(&["--guest=convert", "--memory=size=64M,backend=anon,private=on"], TIMEOUT);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("private=on needs a backend with an fd"), "{}", out.stderr);
+}

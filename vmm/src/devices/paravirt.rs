@@ -1,0 +1,199 @@
+//! Per-vCPU paravirtual ports (docs/PRIVATE-MEMORY.md): the conversion port, through
+//! which guests that cannot make hypercalls convert pages between shared and private,
+//! and the test DMA device, which reads and writes guest memory through the accessor as
+//! a virtio device would. Their registers belong to each vCPU, so two vCPUs can use
+//! them at once; the vCPU thread owns a [`VcpuPorts`].
+
+use guest_mem::convert::{decode_port, STATUS_OK};
+use guest_mem::{AccessError, GuestMemory};
+
+/// Conversion port: GPA bits 31:0.
+pub const CONV_GPA_LO: u16 = 0x520;
+/// Conversion port: GPA bits 63:32.
+pub const CONV_GPA_HI: u16 = 0x524;
+/// Conversion port: number of pages.
+pub const CONV_PAGES: u16 = 0x528;
+/// Conversion port: doorbell (out: flags) and status (in).
+pub const CONV_DOORBELL: u16 = 0x52c;
+/// DMA device: GPA bits 31:0.
+pub const DMA_GPA_LO: u16 = 0x530;
+/// DMA device: GPA bits 63:32.
+pub const DMA_GPA_HI: u16 = 0x534;
+/// DMA device: length (out) and last READ's sum (in).
+pub const DMA_LEN: u16 = 0x538;
+/// DMA device: doorbell (out: op) and status (in).
+pub const DMA_DOORBELL: u16 = 0x53c;
+/// First port.
+pub const FIRST: u16 = CONV_GPA_LO;
+/// Last port (the last byte of the DMA doorbell).
+pub const LAST: u16 = DMA_DOORBELL + 3;
+
+/// Largest DMA transfer.
+pub const DMA_MAX: u32 = 1 << 20;
+/// DMA op: checksum the range.
+pub const DMA_OP_READ: u32 = 1;
+/// DMA op: fill the range with bits 15:8 of the doorbell value.
+pub const DMA_OP_FILL: u32 = 2;
+/// DMA status: bad op or length.
+pub const DMA_STATUS_INVALID: u32 = 1;
+/// DMA status: not guest RAM.
+pub const DMA_STATUS_RANGE: u32 = 2;
+/// DMA status: the range touches a private page.
+pub const DMA_STATUS_PRIVATE: u32 = 4;
+
+/// One vCPU's registers of both devices.
+#[derive(Debug, Default)]
+pub struct VcpuPorts {
+    conv_gpa: u64,
+    conv_pages: u64,
+    conv_status: u32,
+    dma_gpa: u64,
+    dma_len: u32,
+    dma_status: u32,
+    dma_sum: u32,
+}
+
+fn value(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(b)
+}
+
+fn set_lo(r: &mut u64, v: u32) {
+    *r = (*r & !0xffff_ffff) | u64::from(v);
+}
+
+fn set_hi(r: &mut u64, v: u32) {
+    *r = (*r & 0xffff_ffff) | (u64::from(v) << 32);
+}
+
+impl VcpuPorts {
+    /// Whether `port` belongs to these devices.
+    pub fn claims(port: u16) -> bool {
+        (FIRST..=LAST).contains(&port)
+    }
+
+    /// An `out`.
+    pub fn write(&mut self, port: u16, data: &[u8], mem: &GuestMemory) {
+        let v = value(data);
+        match port {
+            CONV_GPA_LO => set_lo(&mut self.conv_gpa, v),
+            CONV_GPA_HI => set_hi(&mut self.conv_gpa, v),
+            CONV_PAGES => self.conv_pages = u64::from(v),
+            CONV_DOORBELL => self.conv_status = self.convert(v, mem),
+            DMA_GPA_LO => set_lo(&mut self.dma_gpa, v),
+            DMA_GPA_HI => set_hi(&mut self.dma_gpa, v),
+            DMA_LEN => self.dma_len = v,
+            DMA_DOORBELL => self.dma_status = self.dma(v, mem),
+            _ => {}
+        }
+    }
+
+    /// An `in`.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        let v = match port {
+            CONV_DOORBELL => self.conv_status,
+            DMA_LEN => self.dma_sum,
+            DMA_DOORBELL => self.dma_status,
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = b.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    fn convert(&self, flags: u32, mem: &GuestMemory) -> u32 {
+        match decode_port(self.conv_gpa, self.conv_pages, flags) {
+            Ok(req) => match mem.convert(&req) {
+                Ok(_) => STATUS_OK,
+                Err(e) => e.status(),
+            },
+            Err(e) => {
+                mem.note_refused_conversion();
+                e.status()
+            }
+        }
+    }
+
+    fn dma(&mut self, doorbell: u32, mem: &GuestMemory) -> u32 {
+        let (op, byte) = (doorbell & 0xff, (doorbell >> 8) as u8);
+        if !(op == DMA_OP_READ || op == DMA_OP_FILL)
+            || doorbell >> 16 != 0
+            || self.dma_len == 0
+            || self.dma_len > DMA_MAX
+        {
+            return DMA_STATUS_INVALID;
+        }
+        let mut buf = vec![0u8; self.dma_len as usize];
+        let r = if op == DMA_OP_READ {
+            mem.read(self.dma_gpa, &mut buf).map(|()| {
+                self.dma_sum = buf.iter().fold(0u32, |s, &b| s.wrapping_add(u32::from(b)));
+            })
+        } else {
+            buf.fill(byte);
+            mem.write(self.dma_gpa, &buf)
+        };
+        match r {
+            Ok(()) => STATUS_OK,
+            Err(AccessError::Private { .. }) => DMA_STATUS_PRIVATE,
+            Err(_) => DMA_STATUS_RANGE,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_mem::{BackendKind, BackendSpec, MemoryLayout, ZoneSpec};
+
+    fn mem() -> GuestMemory {
+        let z = ZoneSpec { size: 4 << 20, backend: BackendSpec::new(BackendKind::Memfd) };
+        GuestMemory::new(MemoryLayout::place(vec![z]).unwrap(), None, None).unwrap()
+    }
+
+    fn out(p: &mut VcpuPorts, port: u16, v: u32, m: &GuestMemory) {
+        p.write(port, &v.to_le_bytes(), m);
+    }
+
+    fn inp(p: &VcpuPorts, port: u16) -> u32 {
+        let mut b = [0u8; 4];
+        p.read(port, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn convert_and_dma_through_the_ports() {
+        let m = mem();
+        let mut p = VcpuPorts::default();
+        out(&mut p, DMA_GPA_LO, 0x10_0000, &m);
+        out(&mut p, DMA_LEN, 4096, &m);
+        out(&mut p, DMA_DOORBELL, DMA_OP_FILL | 0x11 << 8, &m);
+        assert_eq!(inp(&p, DMA_DOORBELL), 0);
+        out(&mut p, DMA_DOORBELL, DMA_OP_READ, &m);
+        assert_eq!((inp(&p, DMA_DOORBELL), inp(&p, DMA_LEN)), (0, 0x11 * 4096));
+        // Private, preserve: the DMA device is refused.
+        out(&mut p, CONV_GPA_LO, 0x10_0000, &m);
+        out(&mut p, CONV_PAGES, 1, &m);
+        out(&mut p, CONV_DOORBELL, 3, &m);
+        assert_eq!(inp(&p, CONV_DOORBELL), 0);
+        out(&mut p, DMA_DOORBELL, DMA_OP_READ, &m);
+        assert_eq!(inp(&p, DMA_DOORBELL), DMA_STATUS_PRIVATE);
+        // Bad requests.
+        out(&mut p, CONV_GPA_LO, 0x10_0008, &m);
+        out(&mut p, CONV_DOORBELL, 0, &m);
+        assert_eq!(inp(&p, CONV_DOORBELL), 1);
+        out(&mut p, CONV_GPA_LO, 0, &m);
+        out(&mut p, CONV_GPA_HI, 1, &m);
+        out(&mut p, CONV_DOORBELL, 0, &m);
+        assert_eq!(inp(&p, CONV_DOORBELL), 2, "4 GiB + 0 is beyond RAM");
+        out(&mut p, DMA_DOORBELL, 9, &m);
+        assert_eq!(inp(&p, DMA_DOORBELL), DMA_STATUS_INVALID);
+        out(&mut p, DMA_GPA_LO, 0xC000_0000, &m);
+        out(&mut p, DMA_DOORBELL, DMA_OP_READ, &m);
+        assert_eq!(inp(&p, DMA_DOORBELL), DMA_STATUS_RANGE);
+        assert_eq!(m.conversion_stats().failed, 2);
+        assert_eq!(m.conversion_stats().pages_4k, 1);
+    }
+}
