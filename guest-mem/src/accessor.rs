@@ -82,6 +82,15 @@ pub enum BuildError {
     /// vm-memory refused the regions.
     #[error("cannot build the guest memory map")]
     Regions(#[source] vm_memory::mmap::MmapRegionError),
+    /// The VMM's view of a region could not be mapped.
+    #[error("cannot map the VMM's view of memory zone {zone}")]
+    View {
+        /// Zone index.
+        zone: usize,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// vm-memory refused the region list.
     #[error("cannot build the guest memory map")]
     Collection(#[source] vm_memory::GuestRegionCollectionError),
@@ -109,11 +118,20 @@ pub struct GuestRegion {
 }
 
 /// The guest RAM of one VM.
+///
+/// Every fd-backed region is mapped twice: the **KVM mapping** (`GuestRegion::host_addr`,
+/// registered as the memslot, never handed to VMM code) and the **VMM view**, a second
+/// `MAP_SHARED` mapping of the same fd through which every accessor read and write
+/// goes. Private pages are `PROT_NONE` in the view (per 4 KiB page; per huge page for
+/// hugetlb, where a huge page is protected once all of it is private), so a stray
+/// pointer into a private page faults instead of leaking it.
 #[derive(Debug)]
 pub struct GuestMemory {
-    // Field order matters: vm-memory's view (which does not own the mappings) is
-    // dropped before the backings that own them.
+    // Field order matters: vm-memory's views (which do not own the mappings) are
+    // dropped before the mappings and backings that own them.
     mem: Mem,
+    kvm_mem: Mem,
+    views: Vec<Option<crate::mapping::Mapping>>,
     attrs: RwLock<Attributes>,
     conv_stats: ConvStats,
     regions: Vec<GuestRegion>,
@@ -141,7 +159,7 @@ impl GuestMemory {
             backings.push(b);
         }
         let mut regions = Vec::new();
-        let mut vm_regions = Vec::new();
+        let (mut view_regions, mut kvm_regions, mut views) = (Vec::new(), Vec::new(), Vec::new());
         let mut piece = vec![0usize; backings.len()];
         for r in layout.regions() {
             let b = &backings[r.zone];
@@ -163,19 +181,38 @@ impl GuestMemory {
                 gmem_fd,
             });
             let len = r.size as usize;
-            // SAFETY: [host_addr, host_addr+len) is exactly the piece's live mapping,
-            // made with the prot and flags passed; `backings` outlives `mem` (field
-            // order above).
-            let mmap = unsafe { MmapRegion::build_raw(host_addr as *mut u8, len, m.prot(), m.flags()) }
-                .map_err(BuildError::Regions)?;
-            let region = GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
-                .ok_or(BuildError::Collection(vm_memory::GuestRegionCollectionError::NoMemoryRegion))?;
-            vm_regions.push(region);
+            let view = match b.fd() {
+                Some(fd) => Some(
+                    crate::mapping::Mapping::shared(fd, r.zone_offset, len, b.spec().placement_align() as usize)
+                        .map_err(|source| BuildError::View { zone: r.zone, source })?,
+                ),
+                None => None,
+            };
+            let (vaddr, vprot, vflags) = match &view {
+                Some(v) => (v.addr(), v.prot(), v.flags()),
+                None => (host_addr, m.prot(), m.flags()),
+            };
+            views.push(view);
+            // SAFETY: [vaddr, vaddr+len) is the region's live view (or, without an fd,
+            // its only mapping) and [host_addr, host_addr+len) its KVM mapping, both made
+            // with the prot and flags passed; `views` and `backings` outlive the
+            // vm-memory collections (field order above).
+            let (vm, km) = unsafe {
+                (
+                    MmapRegion::build_raw(vaddr as *mut u8, len, vprot, vflags).map_err(BuildError::Regions)?,
+                    MmapRegion::build_raw(host_addr as *mut u8, len, m.prot(), m.flags())
+                        .map_err(BuildError::Regions)?,
+                )
+            };
+            let no_region = || BuildError::Collection(vm_memory::GuestRegionCollectionError::NoMemoryRegion);
+            view_regions.push(GuestRegionMmap::new(vm, GuestAddress(r.gpa)).ok_or_else(no_region)?);
+            kvm_regions.push(GuestRegionMmap::new(km, GuestAddress(r.gpa)).ok_or_else(no_region)?);
         }
-        let mem = Mem::from_regions(vm_regions).map_err(BuildError::Collection)?;
+        let mem = Mem::from_regions(view_regions).map_err(BuildError::Collection)?;
+        let kvm_mem = Mem::from_regions(kvm_regions).map_err(BuildError::Collection)?;
         let ram: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.size)).collect();
         let attrs = RwLock::new(Attributes::new(&ram, PageState::Shared));
-        Ok(GuestMemory { mem, attrs, conv_stats: ConvStats::default(), regions, layout, backings })
+        Ok(GuestMemory { mem, kvm_mem, views, attrs, conv_stats: ConvStats::default(), regions, layout, backings })
     }
 
     /// The layout this memory was built from.
@@ -291,18 +328,72 @@ impl GuestMemory {
             AttrError::Unaligned { .. } | AttrError::Empty => ConvError::Invalid,
             _ => ConvError::Range,
         })?;
+        if req.target == PageState::Private && self.touches_fdless(req.gpa, len) {
+            // Private pages need a view that can hide them: anonymous memory has none.
+            return Err(ConvError::Unsupported);
+        }
         if req.mode == ContentMode::Zero {
             for (gpa, n) in changing_ranges(&attrs, req.gpa, len, req.target) {
                 self.scrub(gpa, n).map_err(|_| ConvError::Range)?;
             }
         }
-        attrs.set(req.gpa, len, req.target).map_err(|_| ConvError::Range)
+        let changed = attrs.set(req.gpa, len, req.target).map_err(|_| ConvError::Range)?;
+        self.reprotect(&attrs, req.gpa, len);
+        Ok(changed)
+    }
+
+    fn touches_fdless(&self, gpa: u64, len: u64) -> bool {
+        self.regions
+            .iter()
+            .zip(&self.views)
+            .any(|(r, v)| v.is_none() && r.gpa < gpa.saturating_add(len) && gpa < r.gpa + r.size)
+    }
+
+    /// Brings the VMM view's protection of `[gpa, gpa+len)` in line with the
+    /// attributes: whole protection granules (4 KiB, or the hugetlb page) that are
+    /// entirely private become PROT_NONE, the rest read/write.
+    fn reprotect(&self, attrs: &Attributes, gpa: u64, len: u64) {
+        let end = gpa.saturating_add(len);
+        for (r, view) in self.regions.iter().zip(&self.views) {
+            let Some(view) = view else { continue };
+            let gran = r.page_size.max(crate::PAGE_4K);
+            let (lo, hi) = (gpa.max(r.gpa), end.min(r.gpa + r.size));
+            if lo >= hi {
+                continue;
+            }
+            // Expand to whole granules, inside the region.
+            let lo = (lo / gran * gran).max(r.gpa);
+            let hi = hi.div_ceil(gran).saturating_mul(gran).min(r.gpa + r.size);
+            let rw = libc::PROT_READ | libc::PROT_WRITE;
+            let _ = view.protect((lo - r.gpa) as usize, (hi - lo) as usize, rw);
+            for (pg, pl) in attrs.private_ranges() {
+                let (s, e) = (pg.max(lo), (pg + pl).min(hi));
+                // Only granules wholly private are hidden.
+                let (s, e) = (s.div_ceil(gran) * gran, e / gran * gran);
+                if s < e {
+                    let _ = view.protect((s - r.gpa) as usize, (e - s) as usize, libc::PROT_NONE);
+                }
+            }
+        }
     }
 
     /// Makes `[gpa, gpa+len)` private without touching its contents (the initial
     /// state of `private=on` zones, applied after the VMM has loaded the guest).
     pub fn make_private(&self, gpa: u64, len: u64) -> Result<u64, AttrError> {
-        self.attrs.write().unwrap_or_else(|e| e.into_inner()).set(gpa, len, PageState::Private)
+        let mut attrs = self.attrs.write().unwrap_or_else(|e| e.into_inner());
+        let changed = attrs.set(gpa, len, PageState::Private)?;
+        self.reprotect(&attrs, gpa, len);
+        Ok(changed)
+    }
+
+    /// The VMM view's host address of `gpa` (tests: the view's protection is visible
+    /// in /proc/self/maps). `None` outside RAM or for regions without a view.
+    pub fn view_addr(&self, gpa: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .zip(&self.views)
+            .find(|(r, _)| r.gpa <= gpa && gpa < r.gpa + r.size)
+            .and_then(|(r, v)| v.as_ref().map(|v| v.addr() + (gpa - r.gpa)))
     }
 
     /// Zeros guest RAM with stores, whatever its state (the conversion engine's own
@@ -312,7 +403,7 @@ impl GuestMemory {
         let mut at = gpa;
         while at < gpa + len {
             let n = (gpa + len - at).min(zeros.len() as u64) as usize;
-            self.mem
+            self.kvm_mem
                 .write_slice(&zeros[..n], GuestAddress(at))
                 .map_err(|source| AccessError::Memory { gpa: at, source })?;
             at += n as u64;
@@ -444,6 +535,42 @@ mod tests {
         assert_eq!(m.convert(&decode_port(p, 1 << 20, 1).unwrap()), Err(ConvError::Range));
         assert_eq!(m.convert(&decode_port(0xC000_0000, 1, 1).unwrap()), Err(ConvError::Range));
         assert_eq!(m.private_shared_bytes().0, 0);
+    }
+
+    /// The protection of the VMA holding `addr`, from /proc/self/maps ("rw-s", "---s").
+    fn prot_at(addr: u64) -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for l in maps.lines() {
+            let mut f = l.split_whitespace();
+            let (range, perms) = (f.next().unwrap(), f.next().unwrap());
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
+            if a <= addr && addr < b {
+                return perms.to_string();
+            }
+        }
+        panic!("{addr:#x} not mapped");
+    }
+
+    #[test]
+    fn private_pages_are_not_mapped_in_the_vmm_view() {
+        use crate::convert::decode_port;
+        let m = mem(BackendKind::Memfd, &[4 << 20]);
+        let p = 0x10_0000;
+        assert_eq!(prot_at(m.view_addr(p).unwrap()), "rw-s");
+        m.convert(&decode_port(p, 1, 1).unwrap()).unwrap();
+        assert_eq!(prot_at(m.view_addr(p).unwrap()), "---s");
+        assert_eq!(prot_at(m.view_addr(p + 4096).unwrap()), "rw-s", "the neighbour stays mapped");
+        // The KVM mapping (the memslot) is untouched.
+        assert_eq!(prot_at(m.regions()[0].host_addr + p), "rw-s");
+        m.convert(&decode_port(p, 1, 0).unwrap()).unwrap();
+        assert_eq!(prot_at(m.view_addr(p).unwrap()), "rw-s");
+        m.make_private(0x20_0000, 0x20_0000).unwrap();
+        assert_eq!(prot_at(m.view_addr(0x30_0000).unwrap()), "---s");
+        // Anonymous memory has no view: it cannot become private.
+        let a = mem(BackendKind::Anon, &[4 << 20]);
+        assert_eq!(a.convert(&decode_port(p, 1, 1).unwrap()), Err(ConvError::Unsupported));
+        assert!(a.view_addr(p).is_none());
     }
 
     #[test]

@@ -154,6 +154,22 @@ impl Mapping {
         }
     }
 
+    /// Changes the protection of `[offset, offset+len)` (page-aligned, inside the
+    /// mapping) to `prot`.
+    pub fn protect(&self, offset: usize, len: usize, prot: i32) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: the range lies inside this live mapping (checked above). Accesses to
+        // guest memory through it go through vm-memory under the attribute lock, which
+        // never touches pages made PROT_NONE here (they are private).
+        let rc = unsafe { libc::mprotect((self.addr + offset) as *mut libc::c_void, len, prot) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Applies `advice` to the whole mapping.
     pub fn madvise(&self, advice: i32) -> io::Result<()> {
         self.madvise_range(0, self.len, advice)

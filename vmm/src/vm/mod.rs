@@ -60,6 +60,20 @@ impl GmemFactory for VmGmem<'_> {
     }
 }
 
+/// Asks KVM to hand KVM_HC_MAP_GPA_RANGE hypercalls to the VMM (guests convert
+/// pages with them), where the host offers it. Best effort: without it, guests use
+/// the conversion port.
+fn enable_map_gpa_range_exits(fd: &VmFd) {
+    use crate::kvm::caps::{KVM_CAP_EXIT_HYPERCALL, KVM_HC_MAP_GPA_RANGE};
+    let mask = 1u64 << KVM_HC_MAP_GPA_RANGE;
+    let offered = u64::try_from(fd.check_extension_raw(u64::from(KVM_CAP_EXIT_HYPERCALL))).unwrap_or(0);
+    if offered & mask != 0 {
+        let mut cap = kvm_bindings::kvm_enable_cap { cap: KVM_CAP_EXIT_HYPERCALL, ..Default::default() };
+        cap.args[0] = mask;
+        let _ = fd.enable_cap(&cap);
+    }
+}
+
 /// A VM with its memory registered.
 #[derive(Debug)]
 pub struct Vm {
@@ -96,6 +110,7 @@ impl Vm {
         let mem = Arc::new(GuestMemory::new(layout, Some(&VmGmem(&fd)), Some(&progress))?);
         memslots::register(&fd, &mem)?;
         fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        enable_map_gpa_range_exits(&fd);
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         Ok(Vm { kvm, fd, mem, cpuid })
     }

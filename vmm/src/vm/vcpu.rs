@@ -104,6 +104,10 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, devices: &Devices, mem: &GuestMemory,
                 IoAction::Continue
             }
             Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
+            Ok(VcpuExit::Hypercall(h)) if h.nr == crate::kvm::caps::KVM_HC_MAP_GPA_RANGE => {
+                *h.ret = crate::devices::paravirt::map_gpa_range(&h.args, mem);
+                IoAction::Continue
+            }
             Ok(VcpuExit::Shutdown) => {
                 ctl.finish(Outcome::Shutdown { vcpu: index });
                 return VcpuState::Stopped;
