@@ -16,6 +16,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("fault", &["crt0.S", "rt.c", "fault.c"]),
     ("memlat", &["crt0.S", "rt.c", "memlat.c"]),
     ("convert", &["crt0.S", "rt.c", "convert.c"]),
+    ("convstress", &["crt0.S", "rt.c", "convstress.c"]),
     ("probe", &["probe.S"]),
 ];
 

@@ -124,7 +124,7 @@ static const char *layout(const struct boot_info *bi)
         return "no free RAM";
     if (overlaps(bi, 0, (uint64_t)__image_end))
         return "free range overlaps the system area or image";
-    if (overlaps(bi, sp - 4096, sp + 64))
+    if (overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
         return "free range overlaps the stack";
 
     nr_spans = 0;

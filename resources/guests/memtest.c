@@ -147,7 +147,7 @@ static void check_layout(uint32_t vcpu, uint32_t nvcpus, const struct boot_info 
             return;
         }
     }
-    if (boot_info_valid(bi) && overlaps(bi, sp - 4096, sp + 64))
+    if (boot_info_valid(bi) && overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
         set_bad_layout("free range overlaps a vcpu stack");
 }
 

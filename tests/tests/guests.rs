@@ -128,6 +128,16 @@ backend_tests! {
 }
 
 #[test]
+fn memtest_on_many_vcpus() {
+    // 64 stacks fill exactly 4 MiB: the first free byte is right above the last stack.
+    let out = run_guest(&["--guest=memtest", "--vcpus=64", "--memory=size=64M"], TIMEOUT);
+    assert_eq!(out.code, Some(0), "stderr: {}\nserial: {}", out.stderr, out.serial);
+    let m = parse_memtest(&out.serial);
+    assert!(m.ok && m.vcpus == 64, "{}", out.serial);
+    assert_eq!(m.checksum, memtest_expected_checksum(&m.ranges));
+}
+
+#[test]
 fn memtest_across_the_mmio_hole_and_two_zones() {
     // Zone 0 (memfd) fills RAM up to 3 GiB and continues at 4 GiB; zone 1 (anon) follows.
     let out = run_guest(

@@ -61,6 +61,40 @@ fn private_memory_on_hugetlb_keeps_huge_mappings() {
 }
 
 #[test]
+fn ten_thousand_conversions_keep_hugetlb_huge_and_memory_intact() {
+    let pool = match PoolPages::reserve(2 << 20, 128) {
+        Ok(p) => p,
+        Err(why) => return skip(&format!("convstress hugetlb test: {why}")),
+    };
+    let out = run_guest(&["--guest=convstress", "--memory=size=256M,backend=hugetlb,prefault=on"], TIMEOUT);
+    assert_eq!(out.code, Some(0), "stderr: {}\nserial: {}", out.stderr, out.serial);
+    assert!(out.serial.contains("convstress: ok"), "{}", out.serial);
+    let mut ranges = Vec::new();
+    let mut checksum = None;
+    for l in out.serial.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w.as_slice() {
+            ["convstress:", "range", g, len] => {
+                let hex =
+                    |s: &str| u64::from_str_radix(s.trim_start_matches('+').trim_start_matches("0x"), 16).unwrap();
+                ranges.push((hex(g), hex(len)));
+            }
+            ["convstress:", "memtest", "bytes", _, "checksum", c, "mismatches", "0"] => {
+                checksum = Some(u64::from_str_radix(c.trim_start_matches("0x"), 16).unwrap())
+            }
+            ["convstress:", "conversions", n, ..] => assert_eq!(*n, "10000", "{l}"),
+            _ => {}
+        }
+    }
+    assert_eq!(checksum, Some(memtest_expected_checksum(&ranges)), "memtest after the conversions");
+    let s = out.stats.unwrap();
+    assert_eq!(s["private_memory"]["conversions"]["pages_4k"], 10000);
+    let ratio = s["coverage"]["kvm_huge_ratio"].as_f64().unwrap();
+    assert!(ratio >= 0.99, "KVM pages_2m coverage after 10,000 4K conversions: {ratio} ({})", s["kvm_vm"]);
+    drop(pool);
+}
+
+#[test]
 fn private_needs_a_backing_with_an_fd() {
     let out = run_guest(&["--guest=convert", "--memory=size=64M,backend=anon,private=on"], TIMEOUT);
     assert_eq!(out.code, Some(2));
