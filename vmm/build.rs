@@ -17,6 +17,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("memlat", &["crt0.S", "rt.c", "memlat.c"]),
     ("convert", &["crt0.S", "rt.c", "convert.c"]),
     ("convstress", &["crt0.S", "rt.c", "convstress.c"]),
+    ("convbench", &["crt0.S", "rt.c", "convbench.c"]),
     ("probe", &["probe.S"]),
 ];
 

@@ -304,7 +304,9 @@ impl GuestMemory {
         let start = std::time::Instant::now();
         let r = self.convert_locked(req);
         match r {
-            Ok(_) => self.conv_stats.record(req.pages, start.elapsed().as_nanos().try_into().unwrap_or(u64::MAX)),
+            Ok(_) => {
+                self.conv_stats.record(req.pages, req.mode, start.elapsed().as_nanos().try_into().unwrap_or(u64::MAX))
+            }
             Err(_) => self.conv_stats.record_failure(),
         }
         r

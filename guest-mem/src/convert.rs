@@ -143,6 +143,9 @@ mod tests {
 #[derive(Debug, Default)]
 pub struct ConvStats {
     by_size: [std::sync::atomic::AtomicU64; 4],
+    /// Total ns per (size class, mode): [4K, 2M, 1G, other] x [zero, preserve].
+    ns_by_kind: [[std::sync::atomic::AtomicU64; 2]; 4],
+    n_by_kind: [[std::sync::atomic::AtomicU64; 2]; 4],
     failed: std::sync::atomic::AtomicU64,
     total_ns: std::sync::atomic::AtomicU64,
     /// Latency histogram: bucket i counts conversions that took [2^i, 2^(i+1)) ns.
@@ -166,11 +169,14 @@ pub struct ConvStatsSnapshot {
     pub mean_us: f64,
     /// 99th-percentile latency (upper bound of its power-of-two bucket), in microseconds.
     pub p99_us: f64,
+    /// Mean VMM-side latency in microseconds per request size and mode, for the kinds
+    /// seen: keys like `4k_zero`, `2m_preserve`, `1g_zero`, `other_preserve`.
+    pub mean_us_by_kind: std::collections::BTreeMap<String, f64>,
 }
 
 impl ConvStats {
-    /// Records a successful conversion of `pages` pages that took `ns`.
-    pub fn record(&self, pages: u64, ns: u64) {
+    /// Records a successful conversion of `pages` pages in `mode` that took `ns`.
+    pub fn record(&self, pages: u64, mode: ContentMode, ns: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         let i = match pages {
             1 => 0,
@@ -178,7 +184,10 @@ impl ConvStats {
             262_144 => 2,
             _ => 3,
         };
+        let m = usize::from(mode == ContentMode::Preserve);
         self.by_size[i].fetch_add(1, Relaxed);
+        self.ns_by_kind[i][m].fetch_add(ns, Relaxed);
+        self.n_by_kind[i][m].fetch_add(1, Relaxed);
         self.total_ns.fetch_add(ns, Relaxed);
         let b = (63 - ns.max(1).leading_zeros() as usize).min(self.buckets.len() - 1);
         self.buckets[b].fetch_add(1, Relaxed);
@@ -205,7 +214,18 @@ impl ConvStats {
                 break;
             }
         }
+        let mut mean_us_by_kind = std::collections::BTreeMap::new();
+        for (i, size) in ["4k", "2m", "1g", "other"].iter().enumerate() {
+            for (m, mode) in ["zero", "preserve"].iter().enumerate() {
+                let c = self.n_by_kind[i][m].load(Relaxed);
+                if c > 0 {
+                    let mean = self.ns_by_kind[i][m].load(Relaxed) as f64 / c as f64 / 1e3;
+                    mean_us_by_kind.insert(format!("{size}_{mode}"), mean);
+                }
+            }
+        }
         ConvStatsSnapshot {
+            mean_us_by_kind,
             pages_4k: n[0],
             pages_2m: n[1],
             pages_1g: n[2],
@@ -225,13 +245,16 @@ mod stats_tests {
     fn counts_by_size_and_latency() {
         let s = ConvStats::default();
         for _ in 0..99 {
-            s.record(1, 1000);
+            s.record(1, ContentMode::Zero, 1000);
         }
-        s.record(512, 100_000);
+        s.record(512, ContentMode::Preserve, 100_000);
         s.record_failure();
         let x = s.snapshot();
         assert_eq!((x.pages_4k, x.pages_2m, x.pages_1g, x.other, x.failed), (99, 1, 0, 0, 1));
         assert!((x.mean_us - 1.99).abs() < 0.01);
         assert_eq!(x.p99_us, 1.024, "99 of 100 are in the 512-1023 ns bucket");
+        assert_eq!(x.mean_us_by_kind.get("4k_zero"), Some(&1.0));
+        assert_eq!(x.mean_us_by_kind.get("2m_preserve"), Some(&100.0));
+        assert_eq!(x.mean_us_by_kind.len(), 2);
     }
 }

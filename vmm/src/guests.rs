@@ -10,6 +10,7 @@
 //! | `memtest` | writes and verifies every free page, split across vCPUs | see below | 0 ok, 1 mismatch or bad layout |
 //! | `fault` | reads unmapped 0x700000000000 | `fault: touching unmapped address` | #PF (VMM: 125) |
 //! | `memlat` | vCPU 0: pointer-chase load latency over all free RAM (at most 4 GiB), one random cycle through every 4 KiB page | see below | 0 ok, 1 bad layout or broken cycle |
+//! | `convbench` | conversion round trips through the port for 4K, 2M and 1G requests, ZERO and PRESERVE, and a bare port exit, timed with rdtsc | `convbench: exit <ns> ns`, `convbench: <4K\|2M\|1G> <zero\|preserve> <n> ops <ns> ns/op`, `convbench: ok` | 0 ok, 1 a conversion failed |
 //! | `convstress` | 10,000 random single-page conversions (random target and ZERO/PRESERVE mode, each checked), then everything back to shared and the memtest pattern over all free RAM | `convstress: conversions <n> zero-checks <n> preserve-checks <n> mismatches <n>`, `convstress: memtest bytes <n> checksum 0x<16 hex> mismatches <n>`, `convstress: ok` | 0 ok, 1 otherwise |
 //! | `convert` | private memory (run with `--memory size=...,private=on`): vCPU 0 walks one page through the conversion port and the test DMA device (docs/PRIVATE-MEMORY.md), then with 2+ vCPUs all convert and DMA neighbouring pages at once against a shadow | see below | 0 ok, 1 a failed step, a mismatch or bad layout |
 //! | `probe` | for `host-check`: boot marker, 200000-iteration ALU loop, exit 0; CPL0- or CPL3-safe (only mov/add/xor/dec/jnz/out, no stack) | none | 0 |
@@ -70,7 +71,7 @@
 //! Bad layout: `convert: bad layout: <reason>` and `convert: FAIL`.
 
 /// Names of the built-in guest programs, as accepted by [`builtin`].
-pub const NAMES: &[&str] = &["hello", "memtest", "fault", "memlat", "convert", "convstress", "probe"];
+pub const NAMES: &[&str] = &["hello", "memtest", "fault", "memlat", "convert", "convstress", "convbench", "probe"];
 
 static HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 static MEMTEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.elf"));
@@ -78,6 +79,7 @@ static FAULT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fault.elf"));
 static MEMLAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memlat.elf"));
 static CONVERT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convert.elf"));
 static CONVSTRESS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convstress.elf"));
+static CONVBENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convbench.elf"));
 static PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
 
 /// Returns the ELF image of the built-in guest program `name` (one of [`NAMES`]),
@@ -90,6 +92,7 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
         "memlat" => Some(MEMLAT),
         "convert" => Some(CONVERT),
         "convstress" => Some(CONVSTRESS),
+        "convbench" => Some(CONVBENCH),
         "probe" => Some(PROBE),
         _ => None,
     }

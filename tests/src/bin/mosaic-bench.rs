@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p mosaic-tests --bin mosaic-bench -- [boot [N]] [memtest [SIZE]] [coverage]
-//!     [memlat [SIZE]] [prefault]
+//!     [memlat [SIZE]] [prefault] [conversions]
 //! ```
 //! - `boot`: `hello` N times (default 20): process spawn to the guest's first
 //!   boot-marker write, spawn to process exit, and the VMM's RSS beyond guest memory.
@@ -15,6 +15,9 @@
 //!   (default 2G guest), with the ratio to 4K.
 //! - `prefault`: start-up time with `prefault=on` for 1, 4 and 16 GiB guests
 //!   (memfd and hugetlb 2M), and prefault throughput.
+//!
+//! - `conversions`: `convbench`: conversion round trips for 4K/2M/1G, ZERO and
+//!   PRESERVE, as the guest sees them and as the VMM spends them.
 //!
 //! hugetlb runs use `reserve=auto`: pools are grown for the run and given back.
 
@@ -246,6 +249,37 @@ fn prefault() -> Result<(), String> {
     Ok(())
 }
 
+fn conversions() -> Result<(), String> {
+    println!("\n### Conversions: guest round trip vs VMM-side cost (convbench, 2G memfd guest)\n");
+    let r = run(&["--guest=convbench".into(), "--memory=size=2G".into()])?;
+    let exit_ns: f64 = r
+        .serial
+        .lines()
+        .find_map(|l| l.strip_prefix("convbench: exit ")?.strip_suffix(" ns")?.parse().ok())
+        .ok_or("no exit line")?;
+    println!(
+        "One port exit (out + return): {:.1} us; a conversion through the port takes 5 (4 out, 1 in).\n",
+        exit_ns / 1e3
+    );
+    println!("| request | mode | guest round trip | conversions/s | VMM-side cost | share that is the exits |");
+    println!("|---|---|---|---|---|---|");
+    let by_kind = &r.stats["private_memory"]["conversions"]["mean_us_by_kind"];
+    for l in r.serial.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        if let ["convbench:", size, mode, _, "ops", ns, "ns/op"] = w.as_slice() {
+            let ns: f64 = ns.parse().map_err(|_| format!("bad line {l}"))?;
+            let vmm = by_kind[format!("{}_{mode}", size.to_lowercase())].as_f64().unwrap_or(0.0);
+            println!(
+                "| {size} | {mode} | {:.1} us | {:.0} | {vmm:.1} us | {:.0}% |",
+                ns / 1e3,
+                1e9 / ns.max(1.0),
+                ((ns - vmm * 1e3) / ns.max(1.0) * 100.0).clamp(0.0, 100.0)
+            );
+        }
+    }
+    Ok(())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -263,7 +297,7 @@ fn machine() -> String {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args = if args.is_empty() {
-        ["boot", "memtest", "coverage", "memlat", "prefault"].map(String::from).to_vec()
+        ["boot", "memtest", "coverage", "memlat", "prefault", "conversions"].map(String::from).to_vec()
     } else {
         args
     };
@@ -278,7 +312,10 @@ fn main() {
             "coverage" => coverage(),
             "memlat" => memlat(next_num.as_deref().unwrap_or("2G")),
             "prefault" => prefault(),
-            other => Err(format!("unknown benchmark '{other}' (boot, memtest, coverage, memlat, prefault)")),
+            "conversions" => conversions(),
+            other => {
+                Err(format!("unknown benchmark '{other}' (boot, memtest, coverage, memlat, prefault, conversions)"))
+            }
         };
         if let Err(e) = r {
             eprintln!("mosaic-bench: {e}");
