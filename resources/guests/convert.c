@@ -151,15 +151,6 @@ static void set_bad_layout(const char *why)
     __atomic_store_n(&bad_layout, why, __ATOMIC_RELEASE);
 }
 
-static bool overlaps(const struct boot_info *bi, uint64_t start, uint64_t end)
-{
-    for (uint32_t i = 0; i < bi->nr_free; i++) {
-        uint64_t gpa = bi->free[i].gpa, len = bi->free[i].len;
-        if (start < gpa + len && gpa < end)
-            return true;
-    }
-    return false;
-}
 
 /* NULL, or why vCPU 0 cannot run this program; fills in the layout. */
 static const char *layout(uint32_t nvcpus, const struct boot_info *bi)
@@ -170,7 +161,7 @@ static const char *layout(uint32_t nvcpus, const struct boot_info *bi)
         return "no free RAM";
     if (nvcpus > MOSAIC_MAX_VCPUS)
         return "too many vcpus";
-    if (overlaps(bi, 0, (uint64_t)__image_end))
+    if (free_overlaps(bi, 0, (uint64_t)__image_end))
         return "free range overlaps the system area or image";
 
     uint64_t pages = bi->free[0].len / PAGE_SIZE;
@@ -192,7 +183,7 @@ static void check_layout(uint32_t vcpu, uint32_t nvcpus, const struct boot_info 
 
     if (bad)
         set_bad_layout(bad);
-    else if (boot_info_valid(bi) && overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
+    else if (boot_info_valid(bi) && free_overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
         set_bad_layout("free range overlaps a vcpu stack");
 }
 
@@ -435,16 +426,6 @@ struct slice {
     struct shadow page[SLICE_MAX];
 };
 
-static uint64_t xorshift64(uint64_t *state)
-{
-    uint64_t x = *state;
-
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    *state = x;
-    return x;
-}
 
 /* In [0, n), n > 0. */
 static uint32_t below(struct slice *s, uint32_t n)

@@ -21,14 +21,6 @@
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
-static uint64_t next(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-}
-
 static inline uint64_t pattern(uint64_t addr)
 {
     return (addr ^ 0x5a5a5a5a5a5a5a5aull) * 0x9e3779b97f4a7c15ull;
@@ -79,7 +71,7 @@ int guest_main(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi)
 
     uint64_t zero_checks = 0, preserve_checks = 0, mismatches = 0, conversions = 0;
     for (uint32_t n = 0; n < CONVSTRESS_N; n++) {
-        uint64_t r = next();
+        uint64_t r = xorshift64(&rng);
         uint64_t gpa = page_addr(bi, (r >> 8) % pages);
         volatile uint64_t *q = (volatile uint64_t *)(uintptr_t)gpa;
         uint64_t tag = gpa ^ ((uint64_t)n << 40) ^ 0x7a67ull;

@@ -52,16 +52,6 @@ static uint64_t nr_pages;
 /* Keeps the chase's final pointer alive, so gcc cannot drop the timed loop. */
 static volatile uint64_t sink;
 
-static uint64_t xorshift64(uint64_t *state)
-{
-    uint64_t x = *state;
-
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    *state = x;
-    return x;
-}
 
 /* Uniform-enough integer in [0, n) (n > 0): the high half of r * n. */
 static uint64_t below(uint64_t *state, uint64_t n)
@@ -103,15 +93,6 @@ static inline uint32_t *elem(uint64_t k)
     return (uint32_t *)page_addr(k);
 }
 
-static bool overlaps(const struct boot_info *bi, uint64_t start, uint64_t end)
-{
-    for (uint32_t i = 0; i < bi->nr_free; i++) {
-        uint64_t gpa = bi->free[i].gpa, len = bi->free[i].len;
-        if (start < gpa + len && gpa < end)
-            return true;
-    }
-    return false;
-}
 
 /* Fills in spans/nr_pages; returns NULL or the reason the layout is unusable. */
 static const char *layout(const struct boot_info *bi)
@@ -122,9 +103,9 @@ static const char *layout(const struct boot_info *bi)
         return "invalid boot info";
     if (bi->nr_free == 0)
         return "no free RAM";
-    if (overlaps(bi, 0, (uint64_t)__image_end))
+    if (free_overlaps(bi, 0, (uint64_t)__image_end))
         return "free range overlaps the system area or image";
-    if (overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
+    if (free_overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
         return "free range overlaps the stack";
 
     nr_spans = 0;

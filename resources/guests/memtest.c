@@ -118,15 +118,6 @@ static void for_share(const struct boot_info *bi, uint64_t lo, uint64_t hi, stru
     }
 }
 
-static bool overlaps(const struct boot_info *bi, uint64_t start, uint64_t end)
-{
-    for (uint32_t i = 0; i < bi->nr_free; i++) {
-        uint64_t gpa = bi->free[i].gpa, len = bi->free[i].len;
-        if (start < gpa + len && gpa < end)
-            return true;
-    }
-    return false;
-}
 
 /* Sanity checks, so a bad layout fails cleanly instead of overwriting this program. */
 static void check_layout(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi)
@@ -142,12 +133,12 @@ static void check_layout(uint32_t vcpu, uint32_t nvcpus, const struct boot_info 
             set_bad_layout("too many vcpus");
             return;
         }
-        if (overlaps(bi, 0, (uint64_t)__image_end)) {
+        if (free_overlaps(bi, 0, (uint64_t)__image_end)) {
             set_bad_layout("free range overlaps the system area or image");
             return;
         }
     }
-    if (boot_info_valid(bi) && overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
+    if (boot_info_valid(bi) && free_overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
         set_bad_layout("free range overlaps a vcpu stack");
 }
 

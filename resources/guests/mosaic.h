@@ -238,6 +238,31 @@ static inline uint32_t dma_read_sum(void)
     return inl(PORT_DMA_LEN);
 }
 
+/* ---- Small shared helpers ----------------------------------------------------- */
+
+/* xorshift64: a tiny PRNG; `*state` must not be 0. */
+static inline uint64_t xorshift64(uint64_t *state)
+{
+    uint64_t x = *state;
+
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    return x;
+}
+
+/* Whether [start, end) overlaps any free range of boot info. */
+static inline bool free_overlaps(const struct boot_info *bi, uint64_t start, uint64_t end)
+{
+    for (uint32_t i = 0; i < bi->nr_free; i++) {
+        uint64_t gpa = bi->free[i].gpa, len = bi->free[i].len;
+        if (start < gpa + len && gpa < end)
+            return true;
+    }
+    return false;
+}
+
 /* ---- Memory (gcc may emit calls to these) ----------------------------------- */
 
 void *memset(void *dst, int c, size_t n);

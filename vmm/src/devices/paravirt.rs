@@ -4,7 +4,7 @@
 //! a virtio device would. Their registers belong to each vCPU, so two vCPUs can use
 //! them at once; the vCPU thread owns a [`VcpuPorts`].
 
-use guest_mem::convert::{decode_map_gpa_range, decode_port, STATUS_OK};
+use guest_mem::convert::{decode_map_gpa_range, decode_port, ConvError, ConvRequest, FLAG_PRIVATE, STATUS_OK};
 use guest_mem::{AccessError, GuestMemory};
 
 /// Conversion port: GPA bits 31:0.
@@ -44,17 +44,32 @@ pub const DMA_STATUS_PRIVATE: u32 = 4;
 /// Handles a KVM_HC_MAP_GPA_RANGE hypercall exit (`args`: GPA, pages, attributes):
 /// the same conversion as the port, and the same status codes, returned in RAX.
 pub fn map_gpa_range(args: &[u64; 6], mem: &GuestMemory) -> u64 {
-    let status = match decode_map_gpa_range(args[0], args[1], args[2]) {
-        Ok(req) => match mem.convert(&req) {
-            Ok(_) => STATUS_OK,
-            Err(e) => e.status(),
-        },
-        Err(e) => {
-            mem.note_refused_conversion();
-            e.status()
-        }
+    u64::from(status(run(decode_map_gpa_range(args[0], args[1], args[2]), mem)))
+}
+
+/// Runs a decoded request (a refused decode is counted like a refused conversion).
+fn run(decoded: Result<ConvRequest, ConvError>, mem: &GuestMemory) -> Result<u64, ConvError> {
+    decoded.inspect_err(|_| mem.note_refused_conversion()).and_then(|req| mem.convert(&req))
+}
+
+/// The status code a guest reads for a result.
+fn status(r: Result<u64, ConvError>) -> u32 {
+    r.map_or_else(ConvError::status, |_| STATUS_OK)
+}
+
+/// Handles a KVM_EXIT_MEMORY_FAULT (kernel engine): the guest touched `[gpa,
+/// gpa+size)` with the other attribute, so the range is converted as the fault asks
+/// (private when `flags` has KVM_MEMORY_EXIT_FLAG_PRIVATE), ZERO as on confidential
+/// hosts, and the vCPU re-enters. `Err` when the request cannot be honoured; the run
+/// then stops (re-entering would fault forever).
+pub fn memory_fault(flags: u64, gpa: u64, size: u64, mem: &GuestMemory) -> Result<(), ConvError> {
+    let private_flag = u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE);
+    let decoded = if flags & !private_flag != 0 || !size.is_multiple_of(4096) {
+        Err(ConvError::Invalid)
+    } else {
+        decode_port(gpa, size / 4096, if flags & private_flag != 0 { FLAG_PRIVATE } else { 0 })
     };
-    u64::from(status)
+    run(decoded, mem).map(drop)
 }
 
 /// One vCPU's registers of both devices.
@@ -121,16 +136,7 @@ impl VcpuPorts {
     }
 
     fn convert(&self, flags: u32, mem: &GuestMemory) -> u32 {
-        match decode_port(self.conv_gpa, self.conv_pages, flags) {
-            Ok(req) => match mem.convert(&req) {
-                Ok(_) => STATUS_OK,
-                Err(e) => e.status(),
-            },
-            Err(e) => {
-                mem.note_refused_conversion();
-                e.status()
-            }
-        }
+        status(run(decode_port(self.conv_gpa, self.conv_pages, flags), mem))
     }
 
     fn dma(&mut self, doorbell: u32, mem: &GuestMemory) -> u32 {
@@ -211,6 +217,19 @@ mod tests {
         assert_eq!(inp(&p, DMA_DOORBELL), DMA_STATUS_RANGE);
         assert_eq!(m.conversion_stats().failed, 2);
         assert_eq!(m.conversion_stats().pages_4k, 1);
+    }
+
+    #[test]
+    fn memory_faults_convert_as_asked() {
+        let m = mem();
+        let private = u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE);
+        memory_fault(private, 0x10_0000, 8192, &m).unwrap();
+        assert!(m.read(0x10_1000, &mut [0u8; 8]).is_err());
+        memory_fault(0, 0x10_0000, 4096, &m).unwrap();
+        assert!(m.read(0x10_0000, &mut [0u8; 8]).is_ok());
+        assert!(memory_fault(1 << 40, 0x10_0000, 4096, &m).is_err(), "unknown flag");
+        assert!(memory_fault(private, 0x10_0000, 100, &m).is_err(), "partial page");
+        assert!(memory_fault(private, 0xC000_0000, 4096, &m).is_err(), "MMIO hole");
     }
 
     #[test]

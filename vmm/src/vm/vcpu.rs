@@ -104,6 +104,12 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, devices: &Devices, mem: &GuestMemory,
                 IoAction::Continue
             }
             Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
+            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+                match crate::devices::paravirt::memory_fault(flags, gpa, size, mem) {
+                    Ok(()) => IoAction::Continue,
+                    Err(e) => return fail(format!("memory fault at {gpa:#x} (+{size:#x}) cannot be converted: {e}")),
+                }
+            }
             Ok(VcpuExit::Hypercall(h)) if h.nr == crate::kvm::caps::KVM_HC_MAP_GPA_RANGE => {
                 *h.ret = crate::devices::paravirt::map_gpa_range(&h.args, mem);
                 IoAction::Continue
