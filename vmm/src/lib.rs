@@ -2,6 +2,7 @@
 //! host checks. The `mosaic` binary (`main.rs`) is a thin layer over this library.
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;

@@ -31,6 +31,97 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Talk to a running VM through its API socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The VM's API socket (`mosaic run --api-socket`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// Print the JSON answer instead of a summary.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum CtlAction {
+    /// State, guest, vCPUs, uptime, memory zones.
+    Vm,
+    /// Regions, backends, page sizes, huge-page coverage, private/shared bytes.
+    Memory,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume paused vCPUs.
+    Resume,
+    /// Shut the VM down (mosaic run exits 0).
+    Shutdown,
+}
+
+fn cmd_ctl(args: CtlArgs) -> ExitCode {
+    let (method, path) = match args.action {
+        CtlAction::Vm => ("GET", "/api/v1/vm"),
+        CtlAction::Memory => ("GET", "/api/v1/vm/memory"),
+        CtlAction::Pause => ("PUT", "/api/v1/vm/pause"),
+        CtlAction::Resume => ("PUT", "/api/v1/vm/resume"),
+        CtlAction::Shutdown => ("PUT", "/api/v1/vm/shutdown"),
+    };
+    let answer = match vmm::api::client::request(&args.api_socket, method, path, None) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mosaic: ctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !(200..300).contains(&answer.status) {
+        let msg = answer.body["error"].as_str().unwrap_or("request failed");
+        eprintln!("mosaic: ctl: {} ({})", msg, answer.status);
+        return ExitCode::FAILURE;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer.body).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    match args.action {
+        CtlAction::Vm => {
+            let b = &answer.body;
+            println!(
+                "state {}, guest {}, {} vCPUs, up {} ms",
+                b["state"].as_str().unwrap_or("?"),
+                b["guest"].as_str().unwrap_or("?"),
+                b["vcpus"],
+                b["uptime_ms"]
+            );
+        }
+        CtlAction::Memory => {
+            let b = &answer.body;
+            for r in b["regions"].as_array().into_iter().flatten() {
+                println!(
+                    "region {:#x} +{}: {} ({} pages), {} huge bytes on the host",
+                    r["gpa"].as_u64().unwrap_or(0),
+                    format_size(r["size"].as_u64().unwrap_or(0)),
+                    r["backend"].as_str().unwrap_or("?"),
+                    format_size(r["page_size"].as_u64().unwrap_or(0)),
+                    r["host_huge_bytes"]
+                );
+            }
+            let c = &b["coverage"];
+            let p = &b["private_memory"];
+            println!(
+                "KVM maps {:.1}% of what it maps huge; private {} / shared {} bytes",
+                c["kvm_huge_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+                p["private_bytes"],
+                p["shared_bytes"]
+            );
+        }
+        CtlAction::Pause => println!("paused"),
+        CtlAction::Resume => println!("resumed"),
+        CtlAction::Shutdown => println!("shutting down"),
+    }
+    ExitCode::SUCCESS
 }
 
 #[derive(Args)]
@@ -61,6 +152,10 @@ struct RunArgs {
     /// Write run statistics as JSON to FILE at exit.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Serve the HTTP API (docs/openapi.yaml) on this Unix socket (created 0600,
+    /// removed at exit).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Read the configuration from a JSON file with the same shape as these flags;
     /// flags given as well override it.
     #[arg(long, value_name = "FILE.json")]
@@ -83,6 +178,7 @@ impl RunArgs {
             memory,
             serial: self.serial,
             stats_json: self.stats_json,
+            api_socket: self.api_socket,
         };
         base.overridden_by(flags).resolve()
     }
@@ -198,5 +294,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => cmd_run(args, start, start_ns),
         Command::HostCheck { json } => cmd_host_check(json),
+        Command::Ctl(args) => cmd_ctl(args),
     }
 }

@@ -100,6 +100,9 @@ pub enum ConfigError {
     /// Bad `--serial`.
     #[error("--serial: '{0}' is not stdout, none or file:PATH")]
     Serial(String),
+    /// A bad `--api-socket`.
+    #[error("--api-socket: {0}")]
+    ApiSocket(String),
     /// `--stats-json` in a directory that does not exist.
     #[error("--stats-json: directory '{0}' does not exist")]
     StatsDir(PathBuf),
@@ -133,6 +136,9 @@ pub struct VmConfig {
     /// Where to write run statistics at exit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats_json: Option<PathBuf>,
+    /// Serve the API on this Unix socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -147,7 +153,7 @@ impl VmConfig {
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
-        take!(guest, kernel, initramfs, cmdline, vcpus, serial, stats_json);
+        take!(guest, kernel, initramfs, cmdline, vcpus, serial, stats_json, api_socket);
         if !over.memory.is_empty() {
             self.memory = over.memory;
         }
@@ -210,7 +216,19 @@ impl VmConfig {
                 return Err(ConfigError::StatsDir(dir.into()));
             }
         }
-        Ok(RunPlan { boot, vcpus, layout, serial, stats_json: self.stats_json })
+        if let Some(p) = &self.api_socket {
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(ConfigError::ApiSocket(format!("directory '{}' does not exist", dir.display())));
+            }
+            if p.exists() {
+                return Err(ConfigError::ApiSocket(format!(
+                    "'{}' already exists (a running Mosaic, or a stale socket to remove)",
+                    p.display()
+                )));
+            }
+        }
+        Ok(RunPlan { boot, vcpus, layout, serial, stats_json: self.stats_json, api_socket: self.api_socket })
     }
 }
 
@@ -291,6 +309,8 @@ pub struct RunPlan {
     pub serial: SerialOutput,
     /// Statistics file.
     pub stats_json: Option<PathBuf>,
+    /// API socket path.
+    pub api_socket: Option<PathBuf>,
 }
 
 #[cfg(test)]

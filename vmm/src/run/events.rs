@@ -52,8 +52,13 @@ impl MutEventSubscriber for Watcher {
 }
 
 /// Runs the event loop until the run stops, or `deadline` passes (then the run
-/// ends with a timeout error).
-pub fn wait_for_stop(ctl: &Arc<RunControl>, deadline: Option<Duration>) -> io::Result<()> {
+/// ends with a timeout error), serving the API socket if there is one (its socket
+/// file is removed when the loop ends).
+pub fn wait_for_stop(
+    ctl: &Arc<RunControl>,
+    deadline: Option<Duration>,
+    api: Option<crate::api::ApiServer>,
+) -> io::Result<()> {
     let until = deadline.map(|d| Instant::now() + d);
     let signal_evt = EventFd::new(libc::EFD_NONBLOCK)?;
     SIGNAL_FD.store(signal_evt.as_raw_fd(), Ordering::SeqCst);
@@ -62,9 +67,12 @@ pub fn wait_for_stop(ctl: &Arc<RunControl>, deadline: Option<Duration>) -> io::R
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     }
     let to_io = |e: event_manager::Error| io::Error::other(format!("{e:?}"));
-    let mut em = EventManager::<Arc<Mutex<Watcher>>>::new().map_err(to_io)?;
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(to_io)?;
     let w = Arc::new(Mutex::new(Watcher { ctl: ctl.clone(), signal_evt, done: false }));
     em.add_subscriber(w.clone());
+    if let Some(api) = api {
+        em.add_subscriber(Arc::new(Mutex::new(api)));
+    }
     while !ctl.stopping() && !w.lock().map(|w| w.done).unwrap_or(true) {
         let wait_ms = match until {
             Some(t) => {

@@ -41,6 +41,9 @@ pub enum RunError {
     /// The initial private state could not be applied.
     #[error("cannot make private=on memory private")]
     Private(#[from] guest_mem::attrs::AttrError),
+    /// The API socket could not be set up.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// Threads, signals or the event loop failed.
     #[error("VMM runtime error")]
     Runtime(#[from] io::Error),
@@ -103,9 +106,23 @@ pub fn execute(
             mem.make_private(start, end - start)?;
         }
     }
-    let vm_stats = StatsFd::open(vm.fd()).ok();
+    let vm_stats = StatsFd::open(vm.fd()).ok().map(Arc::new);
     vcpu::install_kick_handler()?;
     let ctl = Arc::new(RunControl::new(n, start)?);
+    let mut api = match &plan.api_socket {
+        Some(path) => Some(crate::api::ApiServer::bind(
+            path,
+            crate::api::ApiContext {
+                ctl: ctl.clone(),
+                mem: mem.clone(),
+                vm_stats: vm_stats.clone(),
+                guest: guest.clone(),
+                vcpu_threads: Vec::new(),
+                zones: serde_json::to_value(plan.layout.zones()).unwrap_or_default(),
+            },
+        )?),
+        None => None,
+    };
     let mut handles = Vec::with_capacity(vcpus.len());
     for (i, v) in vcpus.into_iter().enumerate() {
         match vcpu::spawn(i as u32, v, devices.clone(), mem.clone(), ctl.clone()) {
@@ -116,7 +133,11 @@ pub fn execute(
             }
         }
     }
-    if let Err(e) = events::wait_for_stop(&ctl, deadline) {
+    if let Some(api) = api.as_mut() {
+        use std::os::unix::thread::JoinHandleExt;
+        api.set_vcpu_threads(handles.iter().map(|h| h.as_pthread_t()).collect());
+    }
+    if let Err(e) = events::wait_for_stop(&ctl, deadline, api) {
         ctl.finish(Outcome::Error { vcpu: 0, message: format!("event loop failed: {e}") });
     }
     let reports = vcpu::stop_all(handles);

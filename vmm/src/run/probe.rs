@@ -24,6 +24,7 @@ fn one(kernel_mode: bool) -> Result<u64, (bool, String)> {
         layout,
         serial: SerialOutput::None,
         stats_json: None,
+        api_socket: None,
     };
     let start = Instant::now();
     let r = super::execute(&plan, start, super::monotonic_ns(), Some(PROBE_TIMEOUT))

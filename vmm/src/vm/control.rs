@@ -2,7 +2,7 @@
 //! the stop flag and wakes the event loop; the rest see the flag and stop.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -65,6 +65,8 @@ pub enum Outcome {
     },
     /// The VMM was told to stop by a signal.
     Signal(i32),
+    /// An operator asked for shutdown through the API socket.
+    ApiShutdown,
 }
 
 /// Exit code of `mosaic run` when the VM failed rather than the guest deciding.
@@ -75,7 +77,7 @@ impl Outcome {
     pub fn exit_code(&self) -> i32 {
         match self {
             Outcome::Exit(c) => i32::from(*c),
-            Outcome::Reset => 0,
+            Outcome::Reset | Outcome::ApiShutdown => 0,
             Outcome::Signal(s) => 128 + s,
             _ => EXIT_VM_FAILED,
         }
@@ -91,6 +93,7 @@ impl Outcome {
             Outcome::AllParked => "every vCPU parked without writing the exit port".into(),
             Outcome::Error { vcpu, message } => format!("vCPU {vcpu}: {message}"),
             Outcome::Signal(s) => format!("stopped by signal {s}"),
+            Outcome::ApiShutdown => "shut down through the API socket".into(),
         }
     }
 
@@ -104,6 +107,7 @@ impl Outcome {
             Outcome::AllParked => "all_parked",
             Outcome::Error { .. } => "error",
             Outcome::Signal(_) => "signal",
+            Outcome::ApiShutdown => "api_shutdown",
         }
     }
 }
@@ -117,6 +121,10 @@ pub struct RunControl {
     parked: AtomicU32,
     vcpus: u32,
     start: Instant,
+    pause_requested: AtomicBool,
+    /// vCPUs currently waiting in [`RunControl::wait_while_paused`].
+    paused: Mutex<u32>,
+    pause_cv: Condvar,
 }
 
 impl RunControl {
@@ -129,6 +137,9 @@ impl RunControl {
             parked: AtomicU32::new(0),
             vcpus,
             start,
+            pause_requested: AtomicBool::new(false),
+            paused: Mutex::new(0),
+            pause_cv: Condvar::new(),
         })
     }
 
@@ -141,6 +152,65 @@ impl RunControl {
         }
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.exit_evt.write(1);
+        // Paused vCPUs wake up and see the stop flag.
+        let _g = self.paused.lock();
+        self.pause_cv.notify_all();
+    }
+
+    /// Whether an operator asked the vCPUs to pause.
+    pub fn pause_requested(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Called by a vCPU thread (outside KVM_RUN) while a pause is requested: waits
+    /// until it is lifted or the run stops.
+    pub fn wait_while_paused(&self) {
+        let Ok(mut n) = self.paused.lock() else { return };
+        *n += 1;
+        self.pause_cv.notify_all();
+        while self.pause_requested() && !self.stopping() {
+            n = match self.pause_cv.wait(n) {
+                Ok(g) => g,
+                Err(_) => return,
+            };
+        }
+        *n -= 1;
+        self.pause_cv.notify_all();
+    }
+
+    /// Pauses the vCPUs: raises the request, calls `kick` (which gets them out of
+    /// KVM_RUN) until every vCPU that has not parked waits, or `timeout` passes.
+    /// Returns false if it timed out (the request stays raised).
+    pub fn pause(&self, kick: impl Fn(), timeout: Duration) -> bool {
+        self.pause_requested.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        let Ok(mut n) = self.paused.lock() else { return false };
+        loop {
+            let active = self.vcpus.saturating_sub(self.parked.load(Ordering::SeqCst));
+            if *n >= active || self.stopping() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            kick();
+            n = match self.pause_cv.wait_timeout(n, Duration::from_millis(1)) {
+                Ok((g, _)) => g,
+                Err(_) => return false,
+            };
+        }
+    }
+
+    /// Lifts a pause.
+    pub fn resume(&self) {
+        self.pause_requested.store(false, Ordering::SeqCst);
+        let _g = self.paused.lock();
+        self.pause_cv.notify_all();
+    }
+
+    /// Time since the VMM started.
+    pub fn uptime(&self) -> Duration {
+        self.start.elapsed()
     }
 
     /// A vCPU parked; the run ends when all have.
@@ -171,6 +241,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pause_waits_for_every_active_vcpu_and_resume_releases_them() {
+        let c = std::sync::Arc::new(RunControl::new(2, Instant::now()).unwrap());
+        let vcpu = |c: std::sync::Arc<RunControl>| {
+            std::thread::spawn(move || {
+                while !c.stopping() {
+                    if c.pause_requested() {
+                        c.wait_while_paused();
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            })
+        };
+        let (a, b) = (vcpu(c.clone()), vcpu(c.clone()));
+        assert!(c.pause(|| {}, Duration::from_secs(5)));
+        assert_eq!(*c.paused.lock().unwrap(), 2);
+        c.resume();
+        c.finish(Outcome::ApiShutdown);
+        a.join().unwrap();
+        b.join().unwrap();
+        // With no vCPU running, a pause times out.
+        let lone = RunControl::new(1, Instant::now()).unwrap();
+        assert!(!lone.pause(|| {}, Duration::from_millis(20)));
+    }
+
+    #[test]
     fn first_outcome_wins_and_parking_ends_the_run() {
         let c = RunControl::new(2, Instant::now()).unwrap();
         c.park();
@@ -182,6 +277,7 @@ mod tests {
         assert_eq!(Outcome::Exit(3).exit_code(), 3);
         assert_eq!(Outcome::AllParked.exit_code(), EXIT_VM_FAILED);
         assert_eq!(Outcome::Signal(2).exit_code(), 130);
+        assert_eq!(Outcome::ApiShutdown.exit_code(), 0);
         let f = FaultReport { vcpu: 1, vector: 14, error_code: 4, rip: 0x200010, cr2: 0x7000_0000_0000 };
         assert_eq!(
             f.to_string(),

@@ -85,6 +85,10 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, devices: &Devices, mem: &GuestMemory,
         if ctl.stopping() {
             return VcpuState::Stopped;
         }
+        if ctl.pause_requested() {
+            ctl.wait_while_paused();
+            continue;
+        }
         let action = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) if VcpuPorts::claims(port) => {
                 ports.write(port, data, mem);
