@@ -132,6 +132,10 @@ pub struct GuestMemory {
     mem: Mem,
     kvm_mem: Mem,
     views: Vec<Option<crate::mapping::Mapping>>,
+    /// False once a view's protection could not be kept in step with the attributes
+    /// (mprotect failed): accesses then go through the KVM mapping, guarded by the
+    /// attribute check alone, instead of risking a fault on a stale PROT_NONE page.
+    view_trusted: std::sync::atomic::AtomicBool,
     attrs: RwLock<Attributes>,
     conv_stats: ConvStats,
     regions: Vec<GuestRegion>,
@@ -212,7 +216,17 @@ impl GuestMemory {
         let kvm_mem = Mem::from_regions(kvm_regions).map_err(BuildError::Collection)?;
         let ram: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.size)).collect();
         let attrs = RwLock::new(Attributes::new(&ram, PageState::Shared));
-        Ok(GuestMemory { mem, kvm_mem, views, attrs, conv_stats: ConvStats::default(), regions, layout, backings })
+        Ok(GuestMemory {
+            mem,
+            kvm_mem,
+            views,
+            view_trusted: std::sync::atomic::AtomicBool::new(true),
+            attrs,
+            conv_stats: ConvStats::default(),
+            regions,
+            layout,
+            backings,
+        })
     }
 
     /// The layout this memory was built from.
@@ -267,16 +281,31 @@ impl GuestMemory {
         Ok(attrs)
     }
 
+    /// The mapping accessor reads and writes go through: the VMM view, unless its
+    /// protection could not be kept in step.
+    fn access_mem(&self) -> &Mem {
+        if self.view_trusted.load(std::sync::atomic::Ordering::Acquire) {
+            &self.mem
+        } else {
+            &self.kvm_mem
+        }
+    }
+
+    /// Whether the VMM view's protection still follows the attributes.
+    pub fn view_trusted(&self) -> bool {
+        self.view_trusted.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Reads `buf.len()` bytes at `gpa`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let _attrs = self.check_shared(gpa, buf.len() as u64)?;
-        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|source| AccessError::Memory { gpa, source })
+        self.access_mem().read_slice(buf, GuestAddress(gpa)).map_err(|source| AccessError::Memory { gpa, source })
     }
 
     /// Writes `buf` at `gpa`.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), AccessError> {
         let _attrs = self.check_shared(gpa, buf.len() as u64)?;
-        self.mem.write_slice(buf, GuestAddress(gpa)).map_err(|source| AccessError::Memory { gpa, source })
+        self.access_mem().write_slice(buf, GuestAddress(gpa)).map_err(|source| AccessError::Memory { gpa, source })
     }
 
     /// Bytes of guest RAM that are private, and shared.
@@ -334,12 +363,25 @@ impl GuestMemory {
             // Private pages need a view that can hide them: anonymous memory has none.
             return Err(ConvError::Unsupported);
         }
-        if req.mode == ContentMode::Zero {
-            for (gpa, n) in changing_ranges(&attrs, req.gpa, len, req.target) {
-                self.scrub(gpa, n).map_err(|_| ConvError::Range)?;
-            }
-        }
+        let scrub = match req.mode {
+            ContentMode::Zero => changing_ranges(&attrs, req.gpa, len, req.target),
+            ContentMode::Preserve => Vec::new(),
+        };
+        let before: Vec<(u64, u64)> = attrs.private_ranges_in(req.gpa, len).collect();
         let changed = attrs.set(req.gpa, len, req.target).map_err(|_| ConvError::Range)?;
+        if attrs.private_range_count() > MAX_PRIVATE_RANGES {
+            // Each private island costs the view up to two memory areas (a process has
+            // ~65,530): undo, exactly, and refuse.
+            let _ = attrs.set(req.gpa, len, PageState::Shared);
+            for (g, l) in before {
+                let (s, e) = (g.max(req.gpa), (g + l).min(req.gpa + len));
+                let _ = attrs.set(s, e - s, PageState::Private);
+            }
+            return Err(ConvError::Unsupported);
+        }
+        for (gpa, n) in scrub {
+            self.scrub(gpa, n).map_err(|_| ConvError::Range)?;
+        }
         self.reprotect(&attrs, req.gpa, len);
         Ok(changed)
     }
@@ -352,9 +394,19 @@ impl GuestMemory {
     }
 
     /// Brings the VMM view's protection of `[gpa, gpa+len)` in line with the
-    /// attributes: whole protection granules (4 KiB, or the hugetlb page) that are
-    /// entirely private become PROT_NONE, the rest read/write.
+    /// attributes: whole protection granules (4 KiB, or the backing's huge page) that
+    /// are entirely private become PROT_NONE, the rest read/write. If mprotect fails
+    /// (out of memory areas), the view is no longer trusted and accesses go through
+    /// the KVM mapping, checked by the attributes alone.
     fn reprotect(&self, attrs: &Attributes, gpa: u64, len: u64) {
+        if let Err(e) = self.try_reprotect(attrs, gpa, len) {
+            if self.view_trusted.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                eprintln!("mosaic: cannot keep the VMM view's protection ({e}); private pages are now guarded by the accessor check alone");
+            }
+        }
+    }
+
+    fn try_reprotect(&self, attrs: &Attributes, gpa: u64, len: u64) -> std::io::Result<()> {
         let end = gpa.saturating_add(len);
         for (r, view) in self.regions.iter().zip(&self.views) {
             let Some(view) = view else { continue };
@@ -367,16 +419,17 @@ impl GuestMemory {
             let lo = (lo / gran * gran).max(r.gpa);
             let hi = hi.div_ceil(gran).saturating_mul(gran).min(r.gpa + r.size);
             let rw = libc::PROT_READ | libc::PROT_WRITE;
-            let _ = view.protect((lo - r.gpa) as usize, (hi - lo) as usize, rw);
-            for (pg, pl) in attrs.private_ranges() {
+            view.protect((lo - r.gpa) as usize, (hi - lo) as usize, rw)?;
+            for (pg, pl) in attrs.private_ranges_in(lo, hi - lo) {
                 let (s, e) = (pg.max(lo), (pg + pl).min(hi));
                 // Only granules wholly private are hidden.
                 let (s, e) = (s.div_ceil(gran) * gran, e / gran * gran);
                 if s < e {
-                    let _ = view.protect((s - r.gpa) as usize, (e - s) as usize, libc::PROT_NONE);
+                    view.protect((s - r.gpa) as usize, (e - s) as usize, libc::PROT_NONE)?;
                 }
             }
         }
+        Ok(())
     }
 
     /// Makes `[gpa, gpa+len)` private without touching its contents (the initial
@@ -425,17 +478,25 @@ impl GuestMemory {
         self.write(gpa, val.as_slice())
     }
 
-    /// Fills `[gpa, gpa+len)` with zeros.
+    /// Fills `[gpa, gpa+len)` with zeros (all of it, or nothing if the range is not
+    /// entirely shared guest RAM).
     pub fn zero(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
-        drop(self.check_shared(gpa, len)?);
+        let _attrs = self.check_shared(gpa, len)?;
         let chunk = [0u8; 4096];
         let mut at = gpa;
         while at < gpa + len {
             let n = (gpa + len - at).min(chunk.len() as u64) as usize;
-            self.write(at, &chunk[..n])?;
+            self.access_mem()
+                .write_slice(&chunk[..n], GuestAddress(at))
+                .map_err(|source| AccessError::Memory { gpa: at, source })?;
             at += n as u64;
         }
         Ok(())
+    }
+
+    /// The VMM view's host range for region `index` (`None` without a view).
+    pub fn view_range(&self, index: usize) -> Option<(u64, u64)> {
+        self.views.get(index)?.as_ref().map(|v| (v.addr(), v.addr() + v.len() as u64))
     }
 
     /// vm-memory's view, for boot loaders (linux-loader) that take a
@@ -446,14 +507,15 @@ impl GuestMemory {
     }
 }
 
+/// Most private ranges a VM may have (each costs the VMM view up to two memory
+/// areas; Linux allows a process about 65,530).
+pub const MAX_PRIVATE_RANGES: usize = 16_384;
+
 /// The parts of `[gpa, gpa+len)` not already in `target`, as `(gpa, len)` ranges.
 fn changing_ranges(attrs: &Attributes, gpa: u64, len: u64, target: PageState) -> Vec<(u64, u64)> {
     let end = gpa + len;
-    let private: Vec<(u64, u64)> = attrs
-        .private_ranges()
-        .filter(|&(g, l)| g < end && g + l > gpa)
-        .map(|(g, l)| (g.max(gpa), (g + l).min(end)))
-        .collect();
+    let private: Vec<(u64, u64)> =
+        attrs.private_ranges_in(gpa, len).map(|(g, l)| (g.max(gpa), (g + l).min(end))).collect();
     match target {
         PageState::Shared => private.into_iter().map(|(s, e)| (s, e - s)).collect(),
         PageState::Private => {
@@ -569,10 +631,26 @@ mod tests {
         assert_eq!(prot_at(m.view_addr(p).unwrap()), "rw-s");
         m.make_private(0x20_0000, 0x20_0000).unwrap();
         assert_eq!(prot_at(m.view_addr(0x30_0000).unwrap()), "---s");
+        assert!(m.view_trusted());
         // Anonymous memory has no view: it cannot become private.
         let a = mem(BackendKind::Anon, &[4 << 20]);
         assert_eq!(a.convert(&decode_port(p, 1, 1).unwrap()), Err(ConvError::Unsupported));
         assert!(a.view_addr(p).is_none());
+    }
+
+    #[test]
+    fn private_ranges_are_capped_below_the_memory_area_limit() {
+        use crate::convert::decode_port;
+        let m = mem(BackendKind::Memfd, &[256 << 20]);
+        for i in 0..MAX_PRIVATE_RANGES as u64 {
+            assert_eq!(m.convert(&decode_port(0x10_0000 + 2 * i * 4096, 1, 1).unwrap()), Ok(1));
+        }
+        let next = 0x10_0000 + 2 * MAX_PRIVATE_RANGES as u64 * 4096;
+        assert_eq!(m.convert(&decode_port(next, 1, 1).unwrap()), Err(ConvError::Unsupported));
+        assert!(m.view_trusted(), "the view kept up");
+        // Converting back to shared works and reads go through the view again.
+        assert_eq!(m.convert(&decode_port(0x10_0000, 1, 0).unwrap()), Ok(1));
+        m.read(0x10_0000, &mut [0u8; 8]).unwrap();
     }
 
     #[test]

@@ -236,6 +236,18 @@ impl Attributes {
         self.private.iter().map(|(&s, &e)| (s << PAGE_SHIFT, (e - s) << PAGE_SHIFT))
     }
 
+    /// Private intervals that overlap `[gpa, gpa+len)`, as `(gpa, len)` (not clipped),
+    /// ascending: `O(log n + k)`.
+    pub fn private_ranges_in(&self, gpa: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let lo = gpa >> PAGE_SHIFT;
+        let hi = gpa.saturating_add(len).div_ceil(1 << PAGE_SHIFT);
+        let before = self.private.range(..lo).next_back().filter(|&(_, &e)| e > lo);
+        before
+            .into_iter()
+            .chain(self.private.range(lo..hi.max(lo)))
+            .map(|(&s, &e)| (s << PAGE_SHIFT, (e - s) << PAGE_SHIFT))
+    }
+
     /// How many private ranges there are (the `n` of the costs above).
     pub fn private_range_count(&self) -> usize {
         self.private.len()
@@ -718,6 +730,18 @@ mod tests {
         a.set(4 * K4, K4, Private).unwrap();
         assert_eq!(a.mixed_blocks(4 * K4), 1);
         assert!(a.block_is_mixed(5 * K4, 4 * K4));
+    }
+
+    #[test]
+    fn range_queries_find_overlapping_intervals_only() {
+        let mut a = Attributes::new(&[(0, 1 << 20)], PageState::Shared);
+        a.set(0x1000, 0x2000, PageState::Private).unwrap();
+        a.set(0x8000, 0x1000, PageState::Private).unwrap();
+        a.set(0x20000, 0x1000, PageState::Private).unwrap();
+        let got: Vec<_> = a.private_ranges_in(0x2000, 0x7000).collect();
+        assert_eq!(got, vec![(0x1000, 0x2000), (0x8000, 0x1000)]);
+        assert_eq!(a.private_ranges_in(0x3000, 0x1000).count(), 0);
+        assert_eq!(a.private_ranges_in(0, u64::MAX).count(), 3);
     }
 
     #[test]

@@ -35,6 +35,11 @@ impl Mapping {
         }
         let span = len.checked_add(align).ok_or(io::Error::from(io::ErrorKind::InvalidInput))?;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let (raw_fd, off) = match fd {
+            Some((fd, off)) => (fd.as_raw_fd(), off),
+            None => (-1, 0),
+        };
+        let off = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: a fresh PROT_NONE reservation at an address of the kernel's choosing;
         // it overlaps nothing we own, and the result is checked below.
         let base = unsafe {
@@ -52,11 +57,6 @@ impl Mapping {
         }
         let base = base as usize;
         let start = (base + align - 1) & !(align - 1);
-        let (raw_fd, off) = match fd {
-            Some((fd, off)) => (fd.as_raw_fd(), off),
-            None => (-1, 0),
-        };
-        let off = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: [start, start+len) lies inside the reservation made above, which this
         // function owns; MAP_FIXED replaces only that reservation.
         let got = unsafe { libc::mmap(start as *mut libc::c_void, len, prot, flags | libc::MAP_FIXED, raw_fd, off) };
@@ -160,9 +160,10 @@ impl Mapping {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        // SAFETY: the range lies inside this live mapping (checked above). Accesses to
-        // guest memory through it go through vm-memory under the attribute lock, which
-        // never touches pages made PROT_NONE here (they are private).
+        // SAFETY: the range lies inside this live mapping (checked above); mprotect
+        // changes no memory. Accesses through the mapping that this could make fault
+        // are guarded by the caller (GuestMemory stops using a view whose protection
+        // it could not keep in step).
         let rc = unsafe { libc::mprotect((self.addr + offset) as *mut libc::c_void, len, prot) };
         if rc != 0 {
             return Err(io::Error::last_os_error());

@@ -126,7 +126,7 @@ fn cmd_ctl(args: CtlArgs) -> ExitCode {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Guest program: a built-in name (hello, memtest, fault, memlat, convert) or a path to a guest ELF.
+    /// Guest program: a built-in name (hello, memtest, fault, memlat, convert, convstress, convbench) or a path to a guest ELF.
     #[arg(long, value_name = "NAME|PATH")]
     guest: Option<String>,
     /// Linux kernel to boot (bzImage or ELF vmlinux).

@@ -189,39 +189,59 @@ pub fn run_at(root: &Path, layout: &MemoryLayout) -> Result<Preflight, Preflight
         let pool = match hugepage::pools::pool_at(root, page) {
             Ok(p) => p,
             Err(PoolError::NoSuchPool { .. }) => {
-                let zone = wanted[0];
-                match fallback_spec(&zones[zone].backend) {
-                    Some(_) => hugepage::Pool::default(),
-                    None => return Err(PreflightError::NoPool { zone, page: label }),
+                // Zones with a fallback take it; the first without one is refused.
+                for &zone in &wanted {
+                    match fallback_spec(&zones[zone].backend) {
+                        Some(spec) => {
+                            notes[zone] = Some(format!("this host has no hugetlb pool of {label} pages"));
+                            zones[zone].backend = spec;
+                        }
+                        None => return Err(PreflightError::NoPool { zone, page: label }),
+                    }
                 }
+                continue;
             }
             Err(e) => return Err(pool_err(e)),
         };
         let needed: u64 = wanted.iter().map(|&i| zones[i].size / page).sum();
-        let mut available = pool.available();
+        let available_before = pool.available();
+        let mut available = available_before;
         if needed > available && wanted.iter().any(|&i| zones[i].backend.reserve == Reserve::Auto) {
             let target = pool.total + (needed - available);
-            let got = hugepage::set_pool_size_at(root, page, target).map_err(pool_err)?;
-            let added = got.saturating_sub(pool.total);
+            // A pool that cannot grow (not root, no such pool, no memory) is the same
+            // as a short pool: the zones' fallbacks, or the error, follow.
+            let (added, why) = match hugepage::set_pool_size_at(root, page, target) {
+                Ok(got) => (got.saturating_sub(pool.total), None),
+                Err(e) => (0, Some(e.to_string())),
+            };
             if added > 0 {
                 reservations.push(PoolReservation { root: root.to_path_buf(), page_size: page, added });
             }
             available += added;
+            let note = match why {
+                None => format!("pool grown by {added} of {} pages asked (reserve=auto)", needed - available_before),
+                Some(e) => format!("reserve=auto could not grow the pool: {e}"),
+            };
             for &i in &wanted {
-                notes[i] =
-                    Some(format!("pool grown by {added} of {} pages asked (reserve=auto)", needed - pool.available()));
+                notes[i] = Some(note.clone());
             }
         }
         let mut left = available;
+        let mut needed_so_far = 0;
         for &i in &wanted {
             let pages = zones[i].size / page;
+            needed_so_far += pages;
             if pages <= left {
                 left -= pages;
                 continue;
             }
             match fallback_spec(&zones[i].backend) {
                 Some(spec) => {
-                    notes[i] = Some(format!("hugetlb {label} pool has {left} pages available, {pages} needed"));
+                    let short = format!("hugetlb {label} pool has {left} pages available, {pages} needed");
+                    notes[i] = Some(match notes[i].take() {
+                        Some(n) => format!("{n}; {short}"),
+                        None => short,
+                    });
                     zones[i].backend = spec;
                 }
                 None => {
@@ -230,9 +250,11 @@ pub fn run_at(root: &Path, layout: &MemoryLayout) -> Result<Preflight, Preflight
                         page: label,
                         needed: pages,
                         available: left,
-                        fix_total: pool.total + pages - left,
+                        // What the pool must hold, without any growth of ours (which is
+                        // given back when this error drops the reservations).
+                        fix_total: pool.total + needed_so_far.saturating_sub(available_before),
                         nr_path: nr_path(root, page),
-                    })
+                    });
                 }
             }
         }
@@ -358,6 +380,29 @@ mod tests {
         assert_eq!(p.choices[1].got, "memfd");
         assert_eq!(p.choices[0].page_size_asked, PAGE_2M);
         let _ = PAGE_1G;
+    }
+
+    #[test]
+    fn a_pool_that_cannot_grow_falls_back_or_says_what_is_needed() {
+        // No 1G pool in the fixture: reserve=auto cannot grow it, fallback=4k applies.
+        let fs = sysfs(10, 10, "never");
+        let p = run_at(&fs.0, &layout(&["size=2G,backend=hugetlb,page-size=1G,reserve=auto,fallback=4k"])).unwrap();
+        assert_eq!(p.choices[0].got, "memfd");
+        assert!(p.choices[0].note.as_deref().unwrap().contains("no hugetlb pool of 1G"), "{:?}", p.choices[0].note);
+        // A read-only nr_hugepages: growth fails, the fallback applies and says why.
+        let nr = fs.0.join("kernel/mm/hugepages/hugepages-2048kB/nr_hugepages");
+        std::fs::remove_file(&nr).unwrap();
+        std::fs::create_dir(&nr).unwrap();
+        let p = run_at(&fs.0, &layout(&["size=64M,backend=hugetlb,reserve=auto,fallback=4k"]));
+        // The pool itself cannot be read any more: that is a clear error, not a panic.
+        assert!(p.is_err() || p.unwrap().choices[0].got == "memfd");
+    }
+
+    #[test]
+    fn the_fix_says_the_pool_size_that_fits() {
+        let fs = sysfs(10, 10, "never");
+        let e = run_at(&fs.0, &layout(&["size=64M,backend=hugetlb"])).unwrap_err().to_string();
+        assert!(e.contains("echo 32 > "), "{e}");
     }
 
     #[test]

@@ -100,6 +100,17 @@ pub enum ConfigError {
     /// Bad `--serial`.
     #[error("--serial: '{0}' is not stdout, none or file:PATH")]
     Serial(String),
+    /// A `file` backing that cannot be guest RAM.
+    #[error("--memory: '{0}' is neither a regular file nor a DAX device, so it cannot back guest RAM")]
+    NotRam(PathBuf),
+    /// More RAM than guest programs can map.
+    #[error("--memory: guest programs can use RAM up to {limit} of guest-physical space; this layout ends at {end}")]
+    ProgramRam {
+        /// End of RAM.
+        end: String,
+        /// Limit.
+        limit: String,
+    },
     /// A bad `--api-socket`.
     #[error("--api-socket: {0}")]
     ApiSocket(String),
@@ -199,6 +210,13 @@ impl VmConfig {
                 if self.cmdline.is_some() {
                     return Err(ConfigError::NeedsKernel("--cmdline"));
                 }
+                let limit = crate::boot::program::layout::MAX_MAPPED;
+                if layout.ram_end() > limit {
+                    return Err(ConfigError::ProgramRam {
+                        end: format_size(layout.ram_end()),
+                        limit: format_size(limit),
+                    });
+                }
                 program(guest.as_deref().unwrap_or(DEFAULT_GUEST))?
             }
         };
@@ -236,13 +254,29 @@ fn readable(flag: &'static str, path: &Path) -> Result<(), ConfigError> {
     fs::File::open(path).map(drop).map_err(|source| ConfigError::FileMissing { flag, path: path.into(), source })
 }
 
-/// A `file` backing must exist, be writable, and not be a directory.
+/// A `file` backing must exist, be writable, and be a regular file or a DAX device
+/// (other character devices, such as /dev/zero, do not share memory between mappings).
 fn writable_backing(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let err = |source| ConfigError::FileMissing { flag: "--memory", path: path.into(), source };
     if path.is_dir() {
         return Err(err(io::Error::from(io::ErrorKind::IsADirectory)));
     }
-    fs::OpenOptions::new().read(true).write(true).open(path).map(drop).map_err(err)
+    let f = fs::OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+    let meta = f.metadata().map_err(err)?;
+    let ft = meta.file_type();
+    if ft.is_char_device() {
+        let rdev = meta.rdev();
+        // SAFETY: major/minor only decode the number.
+        let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+        let subsystem = fs::read_link(format!("/sys/dev/char/{maj}:{min}/subsystem")).unwrap_or_default();
+        if !subsystem.ends_with("dax") {
+            return Err(ConfigError::NotRam(path.into()));
+        }
+    } else if !ft.is_file() {
+        return Err(ConfigError::NotRam(path.into()));
+    }
+    Ok(())
 }
 
 fn program(name: &str) -> Result<BootSource, ConfigError> {
@@ -266,7 +300,9 @@ fn check_capacity(layout: &MemoryLayout) -> Result<(), ConfigError> {
     let ram_backed: u64 = layout
         .zones()
         .iter()
-        .filter(|z| matches!(z.backend.kind, BackendKind::Anon | BackendKind::Memfd | BackendKind::Gmem))
+        .filter(|z| {
+            matches!(z.backend.kind, BackendKind::Anon | BackendKind::Memfd | BackendKind::Gmem | BackendKind::Thp)
+        })
         .map(|z| z.size)
         .sum();
     if let Ok(avail) = capacity::mem_available() {
@@ -345,6 +381,8 @@ mod tests {
         assert!(bad(VmConfig { serial: Some("tty".into()), ..Default::default() }).starts_with("--serial:"));
         let huge = MemoryConfig::parse_flag("size=64T").unwrap();
         assert!(bad(VmConfig { memory: vec![huge], ..Default::default() }).starts_with("--memory:"));
+        let zero = MemoryConfig::parse_flag("size=64M,backend=file,path=/dev/zero").unwrap();
+        assert!(bad(VmConfig { memory: vec![zero], ..Default::default() }).contains("neither a regular file nor a DAX"));
         let missing = MemoryConfig::parse_flag("size=64M,backend=file,path=/nonexistent/ram").unwrap();
         assert!(bad(VmConfig { memory: vec![missing], ..Default::default() }).starts_with("--memory: cannot open"));
         let g = VmConfig { guest: Some("hello".into()), kernel: Some("/x".into()), ..Default::default() };

@@ -24,12 +24,15 @@ pub const LAST: u16 = 0x51f;
 pub struct GuestPorts {
     start: Instant,
     boot_marker: OnceLock<Duration>,
+    exception_reports: bool,
 }
 
 impl GuestPorts {
-    /// Ports whose times count from `start`.
-    pub fn new(start: Instant) -> Self {
-        GuestPorts { start, boot_marker: OnceLock::new() }
+    /// Ports whose times count from `start`. `exception_reports`: the VMM's CPL0
+    /// exception stubs are installed (guest programs), so port 0x510 reports a fault;
+    /// other guests (Linux) writing it are ignored.
+    pub fn new(start: Instant, exception_reports: bool) -> Self {
+        GuestPorts { start, boot_marker: OnceLock::new(), exception_reports }
     }
 
     /// Time from VMM start to the first boot-marker write.
@@ -46,7 +49,7 @@ impl GuestPorts {
                 IoAction::Continue
             }
             PARK_PORT => IoAction::Park,
-            EXCEPTION_PORT => IoAction::Exception,
+            EXCEPTION_PORT if self.exception_reports => IoAction::Exception,
             _ => IoAction::Continue,
         }
     }
@@ -58,7 +61,8 @@ mod tests {
 
     #[test]
     fn ports_map_to_actions() {
-        let p = GuestPorts::new(Instant::now());
+        let p = GuestPorts::new(Instant::now(), true);
+        assert_eq!(GuestPorts::new(Instant::now(), false).write(EXCEPTION_PORT, &[0]), IoAction::Continue);
         assert_eq!(p.write(EXIT_PORT, &[7, 1, 0, 0]), IoAction::Exit(7));
         assert_eq!(p.write(EXIT_PORT, &[]), IoAction::Exit(0));
         assert!(p.boot_marker().is_none());

@@ -47,12 +47,12 @@ impl std::fmt::Debug for Devices {
 
 impl Devices {
     /// Devices with the serial console going to `serial`; boot-marker times count
-    /// from `start`.
-    pub fn new(serial: serial::Serial, start: Instant) -> Self {
+    /// from `start`; `exception_reports` for guest programs (their CPL0 stubs).
+    pub fn new(serial: serial::Serial, start: Instant, exception_reports: bool) -> Self {
         Devices {
             serial: Mutex::new(serial),
             i8042: i8042::I8042,
-            ports: GuestPorts::new(start),
+            ports: GuestPorts::new(start, exception_reports),
             unknown: Default::default(),
         }
     }

@@ -69,7 +69,12 @@ pub fn memory_fault(flags: u64, gpa: u64, size: u64, mem: &GuestMemory) -> Resul
     } else {
         decode_port(gpa, size / 4096, if flags & private_flag != 0 { FLAG_PRIVATE } else { 0 })
     };
-    run(decoded, mem).map(drop)
+    match run(decoded, mem)? {
+        // Nothing changed: the userspace engine cannot clear KVM's fault (that needs
+        // KVM_SET_MEMORY_ATTRIBUTES), so re-entering would fault forever.
+        0 => Err(ConvError::Unsupported),
+        _ => Ok(()),
+    }
 }
 
 /// One vCPU's registers of both devices.
@@ -227,6 +232,7 @@ mod tests {
         assert!(m.read(0x10_1000, &mut [0u8; 8]).is_err());
         memory_fault(0, 0x10_0000, 4096, &m).unwrap();
         assert!(m.read(0x10_0000, &mut [0u8; 8]).is_ok());
+        assert!(memory_fault(0, 0x10_0000, 4096, &m).is_err(), "a fault that changes nothing would loop");
         assert!(memory_fault(1 << 40, 0x10_0000, 4096, &m).is_err(), "unknown flag");
         assert!(memory_fault(private, 0x10_0000, 100, &m).is_err(), "partial page");
         assert!(memory_fault(private, 0xC000_0000, 4096, &m).is_err(), "MMIO hole");

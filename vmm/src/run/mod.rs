@@ -77,7 +77,8 @@ pub fn execute(
     }
     let serial = Serial::new(&plan.serial)?;
     vm.fd().register_irqfd(serial.irq_evt(), COM1_IRQ).map_err(RunError::Irqfd)?;
-    let devices = Arc::new(Devices::new(serial, start));
+    let is_program = matches!(plan.boot, BootSource::Program { .. });
+    let devices = Arc::new(Devices::new(serial, start, is_program));
     let vcpus = (0..n).map(|i| vm.create_vcpu(i, n)).collect::<Result<Vec<_>, _>>()?;
     let guest = match &plan.boot {
         BootSource::Program { name, image, kernel_mode } => {

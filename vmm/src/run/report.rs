@@ -52,6 +52,9 @@ pub struct RegionReport {
     pub host: hugepage::smaps::HugeCoverage,
     /// Bytes the host maps with huge pages.
     pub host_huge_bytes: u64,
+    /// Guest RAM resident in the VMM's own view of the region (pages the VMM touched:
+    /// loaded images, device accesses); counted in VmRSS a second time.
+    pub view_rss: u64,
 }
 
 /// The whole report.
@@ -104,6 +107,9 @@ pub struct PrivateReport {
     pub mixed_2m_blocks: u64,
     /// Conversions by size, refused requests, latency.
     pub conversions: guest_mem::convert::ConvStatsSnapshot,
+    /// Whether the VMM view still hides private pages (false after an mprotect
+    /// failure: the accessor check alone guards them then).
+    pub view_protects: bool,
 }
 
 impl PrivateReport {
@@ -116,6 +122,7 @@ impl PrivateReport {
             shared_bytes,
             mixed_2m_blocks: mem.mixed_blocks(guest_mem::PAGE_2M),
             conversions: mem.conversion_stats(),
+            view_protects: mem.view_trusted(),
         }
     }
 }
@@ -167,8 +174,11 @@ pub fn regions(mem: &GuestMemory) -> Vec<RegionReport> {
     let maps = smaps.as_deref().and_then(|t| hugepage::smaps::parse(t).ok()).unwrap_or_default();
     mem.regions()
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             let host = hugepage::smaps::coverage_of(&maps, r.host_addr, r.host_addr + r.size);
+            let view_rss =
+                mem.view_range(i).map(|(a, b)| hugepage::smaps::coverage_of(&maps, a, b).resident_bytes()).unwrap_or(0);
             RegionReport {
                 gpa: r.gpa,
                 size: r.size,
@@ -177,6 +187,7 @@ pub fn regions(mem: &GuestMemory) -> Vec<RegionReport> {
                 page_size: r.page_size,
                 host_huge_bytes: host.huge_bytes(),
                 host,
+                view_rss,
             }
         })
         .collect()
@@ -237,7 +248,7 @@ impl RunReport {
                 *e = e.saturating_add(*v);
             }
         }
-        let guest_resident: u64 = i.memory.iter().map(|r| r.host.resident_bytes()).sum();
+        let guest_resident: u64 = i.memory.iter().map(|r| r.host.resident_bytes() + r.view_rss).sum();
         RunReport {
             version: REPORT_VERSION,
             exit_code: outcome.exit_code(),

@@ -165,7 +165,10 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, devices: &Devices, mem: &GuestMemory,
 fn fault_report(index: u32, vcpu: &VcpuFd, mem: &GuestMemory) -> Result<FaultReport, String> {
     let regs = vcpu.get_regs().map_err(|e| e.to_string())?;
     let sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
-    let word = |i: u64| mem.read_obj::<u64>(regs.rsp + 8 * i).map_err(|e| e.to_string());
+    let word = |i: u64| {
+        let at = regs.rsp.checked_add(8 * i).ok_or_else(|| format!("stack pointer {:#x} overflows", regs.rsp))?;
+        mem.read_obj::<u64>(at).map_err(|e| e.to_string())
+    };
     Ok(FaultReport { vcpu: index, vector: word(0)?, error_code: word(1)?, rip: word(2)?, cr2: sregs.cr2 })
 }
 
