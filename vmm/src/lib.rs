@@ -11,6 +11,7 @@ pub mod hostcheck;
 pub mod kvm;
 pub mod preflight;
 pub mod run;
+pub mod state;
 pub mod vm;
 
 /// An error and its chain of causes on one line: `a: b: c`.
