@@ -12,7 +12,10 @@ pub mod smaps;
 pub mod thp;
 
 pub use numa::{nodes, nodes_at, NumaError, NumaNode};
-pub use pools::{pools, pools_at, set_pool_size, set_pool_size_at, NodePool, Pool, PoolError};
+pub use pools::{
+    pools, pools_at, set_node_pool_size, set_node_pool_size_at, set_pool_size, set_pool_size_at, NodePool, Pool,
+    PoolError,
+};
 pub use smaps::{HugeCoverage, SmapsError};
 pub use thp::{thp, thp_at, ShmemEnabled, ThpDefrag, ThpEnabled, ThpError, ThpSettings, ThpSize};
 

@@ -199,6 +199,25 @@ pub fn set_pool_size_at(root: &Path, page_size: u64, count: u64) -> Result<u64, 
     read_u64(&path)
 }
 
+/// Asks the kernel for `count` pages of `page_size` bytes on NUMA node `node` (its
+/// `nodeN/hugepages/.../nr_hugepages`, needs root); returns the node's pool size read
+/// back, which may be less than asked.
+pub fn set_node_pool_size(node: u32, page_size: u64, count: u64) -> Result<u64, PoolError> {
+    set_node_pool_size_at(Path::new(SYSFS_ROOT), node, page_size, count)
+}
+
+/// [`set_node_pool_size`] with `root` standing for the sysfs mount point.
+pub fn set_node_pool_size_at(root: &Path, node: u32, page_size: u64, count: u64) -> Result<u64, PoolError> {
+    pool_dir(root, page_size)?;
+    let dir = root.join(format!("devices/system/node/node{node}/hugepages")).join(crate::size_dir(page_size));
+    if !dir.is_dir() {
+        return Err(PoolError::NoSuchPool { page_size });
+    }
+    let path = dir.join("nr_hugepages");
+    std::fs::write(&path, format!("{count}\n")).map_err(io_err(&path))?;
+    read_u64(&path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +294,15 @@ mod tests {
         assert_eq!(text, "4\n");
         assert!(matches!(set_pool_size_at(t.path(), 64 * 1024, 1), Err(PoolError::NoSuchPool { page_size: 65536 })));
         assert!(matches!(set_pool_size_at(t.path(), 0, 1), Err(PoolError::NoSuchPool { .. })));
+    }
+
+    #[test]
+    fn set_node_size_writes_the_node_pool() {
+        let t = fixture();
+        assert_eq!(set_node_pool_size_at(t.path(), 1, 2 << 20, 80).unwrap(), 80);
+        let p = t.path().join("devices/system/node/node1/hugepages/hugepages-2048kB/nr_hugepages");
+        assert_eq!(std::fs::read_to_string(p).unwrap(), "80\n");
+        assert!(matches!(set_node_pool_size_at(t.path(), 7, 2 << 20, 1), Err(PoolError::NoSuchPool { .. })));
+        assert!(matches!(set_node_pool_size_at(t.path(), 0, 1 << 30, 1), Err(PoolError::NoSuchPool { .. })));
     }
 }
