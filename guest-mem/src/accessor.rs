@@ -56,6 +56,9 @@ pub enum AccessError {
         /// First private page in the range.
         page: u64,
     },
+    /// The loader view was asked for after pages became private.
+    #[error("boot loaders cannot write guest memory once pages are private")]
+    LoaderAfterPrivate,
     /// vm-memory refused the access.
     #[error("guest memory access at {gpa:#x} failed")]
     Memory {
@@ -502,8 +505,12 @@ impl GuestMemory {
     /// vm-memory's view, for boot loaders (linux-loader) that take a
     /// `GuestMemoryBackend`. Loaders run before any vCPU does and write only the
     /// images they load; everything else goes through the checked methods above.
-    pub fn loader_view(&self) -> &GuestMemoryMmap<()> {
-        &self.mem
+    /// Refused once any page is private: this road has no private-page check.
+    pub fn loader_view(&self) -> Result<&GuestMemoryMmap<()>, AccessError> {
+        if self.attrs().private_bytes() > 0 {
+            return Err(AccessError::LoaderAfterPrivate);
+        }
+        Ok(&self.mem)
     }
 }
 
@@ -632,6 +639,7 @@ mod tests {
         m.make_private(0x20_0000, 0x20_0000).unwrap();
         assert_eq!(prot_at(m.view_addr(0x30_0000).unwrap()), "---s");
         assert!(m.view_trusted());
+        assert!(matches!(m.loader_view(), Err(AccessError::LoaderAfterPrivate)));
         // Anonymous memory has no view: it cannot become private.
         let a = mem(BackendKind::Anon, &[4 << 20]);
         assert_eq!(a.convert(&decode_port(p, 1, 1).unwrap()), Err(ConvError::Unsupported));

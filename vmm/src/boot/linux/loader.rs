@@ -172,7 +172,8 @@ fn load_bzimage(
         .max(image_end);
     check_fits(mem, path, load, end)?;
 
-    let res = BzImage::load(mem.loader_view(), Some(GuestAddress(load)), file, Some(GuestAddress(HIGH_MEMORY_START)))
+    let view = mem.loader_view().map_err(|source| LinuxError::Memory { what: "the kernel", source })?;
+    let res = BzImage::load(view, Some(GuestAddress(load)), file, Some(GuestAddress(HIGH_MEMORY_START)))
         .map_err(|source| LinuxError::KernelLoad { path: path.to_path_buf(), source })?;
     let header = res.setup_header.unwrap_or(hdr);
     let cmdline_max = if version >= 0x0206 { hdr.cmdline_size as usize } else { OLD_CMDLINE_MAX };
@@ -264,7 +265,8 @@ fn load_elf(
     }
     check_fits(mem, path, start, end)?;
 
-    let res = Elf::load(mem.loader_view(), None, file, Some(GuestAddress(HIGH_MEMORY_START)))
+    let view = mem.loader_view().map_err(|source| LinuxError::Memory { what: "the kernel", source })?;
+    let res = Elf::load(view, None, file, Some(GuestAddress(HIGH_MEMORY_START)))
         .map_err(|source| LinuxError::KernelLoad { path: path.to_path_buf(), source })?;
     // linux-loader copies p_filesz bytes; the rest of each segment (bss) must be zero.
     for s in segments.iter().filter(|s| s.memsz > s.filesz) {
