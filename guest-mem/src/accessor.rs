@@ -366,11 +366,11 @@ impl GuestMemory {
             // Private pages need a view that can hide them: anonymous memory has none.
             return Err(ConvError::Unsupported);
         }
+        let before: Vec<(u64, u64)> = attrs.private_ranges_in(req.gpa, len).collect();
         let scrub = match req.mode {
-            ContentMode::Zero => changing_ranges(&attrs, req.gpa, len, req.target),
+            ContentMode::Zero => changing_ranges(&before, req.gpa, len, req.target),
             ContentMode::Preserve => Vec::new(),
         };
-        let before: Vec<(u64, u64)> = attrs.private_ranges_in(req.gpa, len).collect();
         let changed = attrs.set(req.gpa, len, req.target).map_err(|_| ConvError::Range)?;
         if attrs.private_range_count() > MAX_PRIVATE_RANGES {
             // Each private island costs the view up to two memory areas (a process has
@@ -457,16 +457,7 @@ impl GuestMemory {
     /// Zeros guest RAM with stores, whatever its state (the conversion engine's own
     /// scrub; callers hold the attribute write lock).
     fn scrub(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
-        let zeros = [0u8; 4096];
-        let mut at = gpa;
-        while at < gpa + len {
-            let n = (gpa + len - at).min(zeros.len() as u64) as usize;
-            self.kvm_mem
-                .write_slice(&zeros[..n], GuestAddress(at))
-                .map_err(|source| AccessError::Memory { gpa: at, source })?;
-            at += n as u64;
-        }
-        Ok(())
+        write_zeros(&self.kvm_mem, gpa, len)
     }
 
     /// Reads a plain-data value at `gpa`.
@@ -485,16 +476,7 @@ impl GuestMemory {
     /// entirely shared guest RAM).
     pub fn zero(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
         let _attrs = self.check_shared(gpa, len)?;
-        let chunk = [0u8; 4096];
-        let mut at = gpa;
-        while at < gpa + len {
-            let n = (gpa + len - at).min(chunk.len() as u64) as usize;
-            self.access_mem()
-                .write_slice(&chunk[..n], GuestAddress(at))
-                .map_err(|source| AccessError::Memory { gpa: at, source })?;
-            at += n as u64;
-        }
-        Ok(())
+        write_zeros(self.access_mem(), gpa, len)
     }
 
     /// The VMM view's host range for region `index` (`None` without a view).
@@ -518,17 +500,29 @@ impl GuestMemory {
 /// areas; Linux allows a process about 65,530).
 pub const MAX_PRIVATE_RANGES: usize = 16_384;
 
-/// The parts of `[gpa, gpa+len)` not already in `target`, as `(gpa, len)` ranges.
-fn changing_ranges(attrs: &Attributes, gpa: u64, len: u64, target: PageState) -> Vec<(u64, u64)> {
+/// Writes zeros over `[gpa, gpa+len)` of `mem`, 4 KiB at a time.
+fn write_zeros(mem: &Mem, gpa: u64, len: u64) -> Result<(), AccessError> {
+    let zeros = [0u8; 4096];
+    let mut at = gpa;
+    while at < gpa + len {
+        let n = (gpa + len - at).min(zeros.len() as u64) as usize;
+        mem.write_slice(&zeros[..n], GuestAddress(at)).map_err(|source| AccessError::Memory { gpa: at, source })?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// The parts of `[gpa, gpa+len)` not already in `target`, as `(gpa, len)` ranges,
+/// given the private intervals that overlap it (`Attributes::private_ranges_in`).
+fn changing_ranges(private: &[(u64, u64)], gpa: u64, len: u64, target: PageState) -> Vec<(u64, u64)> {
     let end = gpa + len;
-    let private: Vec<(u64, u64)> =
-        attrs.private_ranges_in(gpa, len).map(|(g, l)| (g.max(gpa), (g + l).min(end))).collect();
+    let clipped = private.iter().map(|&(g, l)| (g.max(gpa), (g + l).min(end)));
     match target {
-        PageState::Shared => private.into_iter().map(|(s, e)| (s, e - s)).collect(),
+        PageState::Shared => clipped.map(|(s, e)| (s, e - s)).collect(),
         PageState::Private => {
             let mut out = Vec::new();
             let mut at = gpa;
-            for (s, e) in private {
+            for (s, e) in clipped {
                 if s > at {
                     out.push((at, s - at));
                 }
@@ -665,9 +659,13 @@ mod tests {
     fn changing_ranges_are_the_complement() {
         let mut a = Attributes::new(&[(0, 1 << 20)], PageState::Shared);
         a.set(0x2000, 0x2000, PageState::Private).unwrap();
-        assert_eq!(changing_ranges(&a, 0, 0x8000, PageState::Shared), vec![(0x2000, 0x2000)]);
-        assert_eq!(changing_ranges(&a, 0, 0x8000, PageState::Private), vec![(0, 0x2000), (0x4000, 0x4000)]);
-        assert_eq!(changing_ranges(&a, 0x3000, 0x1000, PageState::Private), vec![]);
+        let overlapping = |g, l| a.private_ranges_in(g, l).collect::<Vec<_>>();
+        assert_eq!(changing_ranges(&overlapping(0, 0x8000), 0, 0x8000, PageState::Shared), vec![(0x2000, 0x2000)]);
+        assert_eq!(
+            changing_ranges(&overlapping(0, 0x8000), 0, 0x8000, PageState::Private),
+            vec![(0, 0x2000), (0x4000, 0x4000)]
+        );
+        assert_eq!(changing_ranges(&overlapping(0x3000, 0x1000), 0x3000, 0x1000, PageState::Private), vec![]);
     }
 
     #[test]
