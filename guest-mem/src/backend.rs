@@ -267,7 +267,7 @@ pub enum BackendError {
         source: io::Error,
     },
     /// The path is a directory or another unusable file type.
-    #[error("'{0}' is not a regular file or a character device")]
+    #[error("'{0}' is neither a regular file nor a DAX device, so it cannot back guest RAM")]
     FileType(PathBuf),
     /// `gmem` without a VM to create the guest_memfd on.
     #[error("backend 'gmem' needs a VM to create guest_memfd on")]
@@ -495,14 +495,31 @@ fn memfd(size: u64) -> io::Result<OwnedFd> {
 /// shrunk); a character device (DAX) is used as it is.
 fn open_backing_file(path: &std::path::Path, size: u64) -> Result<File, BackendError> {
     let err = |source| BackendError::File { path: path.to_path_buf(), source };
+    let file = check_backing_file(path)?;
+    let meta = file.metadata().map_err(err)?;
+    if meta.file_type().is_file() && meta.len() < size {
+        file.set_len(size).map_err(err)?;
+    }
+    Ok(file)
+}
+
+/// Opens a `file` backing read/write and checks that it can be guest RAM: a regular
+/// file, or a DAX character device (other character devices, such as /dev/zero, do
+/// not share memory between mappings).
+pub fn check_backing_file(path: &std::path::Path) -> Result<File, BackendError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |source| BackendError::File { path: path.to_path_buf(), source };
     let file = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
     let ft = meta.file_type();
-    if ft.is_file() {
-        if meta.len() < size {
-            file.set_len(size).map_err(err)?;
-        }
-    } else if !ft.is_char_device() {
+    let ok = if ft.is_char_device() {
+        let (maj, min) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+        let subsystem = std::fs::read_link(format!("/sys/dev/char/{maj}:{min}/subsystem")).unwrap_or_default();
+        subsystem.ends_with("dax")
+    } else {
+        ft.is_file()
+    };
+    if !ok {
         return Err(BackendError::FileType(path.to_path_buf()));
     }
     Ok(file)

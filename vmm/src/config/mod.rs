@@ -254,29 +254,19 @@ fn readable(flag: &'static str, path: &Path) -> Result<(), ConfigError> {
     fs::File::open(path).map(drop).map_err(|source| ConfigError::FileMissing { flag, path: path.into(), source })
 }
 
-/// A `file` backing must exist, be writable, and be a regular file or a DAX device
-/// (other character devices, such as /dev/zero, do not share memory between mappings).
+/// A `file` backing must exist, be writable, and be able to back guest RAM (the
+/// same check the backend makes when it opens it).
 fn writable_backing(path: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use guest_mem::backend::{check_backing_file, BackendError};
     let err = |source| ConfigError::FileMissing { flag: "--memory", path: path.into(), source };
     if path.is_dir() {
         return Err(err(io::Error::from(io::ErrorKind::IsADirectory)));
     }
-    let f = fs::OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
-    let meta = f.metadata().map_err(err)?;
-    let ft = meta.file_type();
-    if ft.is_char_device() {
-        let rdev = meta.rdev();
-        // SAFETY: major/minor only decode the number.
-        let (maj, min) = (libc::major(rdev), libc::minor(rdev));
-        let subsystem = fs::read_link(format!("/sys/dev/char/{maj}:{min}/subsystem")).unwrap_or_default();
-        if !subsystem.ends_with("dax") {
-            return Err(ConfigError::NotRam(path.into()));
-        }
-    } else if !ft.is_file() {
-        return Err(ConfigError::NotRam(path.into()));
+    match check_backing_file(path) {
+        Ok(_) => Ok(()),
+        Err(BackendError::File { source, .. }) => Err(err(source)),
+        Err(_) => Err(ConfigError::NotRam(path.into())),
     }
-    Ok(())
 }
 
 fn program(name: &str) -> Result<BootSource, ConfigError> {
