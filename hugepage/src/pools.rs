@@ -175,6 +175,12 @@ pub fn pool_at(root: &Path, page_size: u64) -> Result<Pool, PoolError> {
     read_pool(root, &dir, page_size)
 }
 
+/// The `nr_hugepages` file of the pool of `page_size` bytes under `root` (whether or
+/// not the pool exists): what an operator writes to size the pool.
+pub fn nr_hugepages_path(root: &Path, page_size: u64) -> PathBuf {
+    pools_dir(root).join(size_dir(page_size)).join("nr_hugepages")
+}
+
 fn pool_dir(root: &Path, page_size: u64) -> Result<PathBuf, PoolError> {
     let dir = pools_dir(root).join(size_dir(page_size));
     if page_size == 0 || page_size & 1023 != 0 || !dir.is_dir() {

@@ -122,7 +122,7 @@ pub struct Preflight {
 }
 
 fn nr_path(root: &Path, page: u64) -> String {
-    root.join(format!("kernel/mm/hugepages/hugepages-{}kB/nr_hugepages", page / 1024)).display().to_string()
+    hugepage::pools::nr_hugepages_path(root, page).display().to_string()
 }
 
 /// Runs the preflight against the live host.

@@ -253,7 +253,8 @@ fn hugetlb_rows(r: &HostReport, rows: &mut Vec<Row>) {
     }
     for p in &r.hugepages {
         let label = page_size_label(p.page_size);
-        let path = format!("/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages", p.page_size / 1024);
+        let path = hugepage::pools::nr_hugepages_path(std::path::Path::new(hugepage::SYSFS_ROOT), p.page_size);
+        let path = path.display();
         let available = p.free.saturating_sub(p.reserved);
         let meaning = if p.total == 0 {
             format!("hugetlb {label} needs: echo N > {path}")
