@@ -94,6 +94,14 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// A live update handed over a different number of fds than there are zones.
+    #[error("{fds} memory fds were handed over for {zones} zones")]
+    ZoneFds {
+        /// Fds received.
+        fds: usize,
+        /// Zones in the layout.
+        zones: usize,
+    },
     /// vm-memory refused the region list.
     #[error("cannot build the guest memory map")]
     Collection(#[source] vm_memory::GuestRegionCollectionError),
@@ -165,6 +173,35 @@ impl GuestMemory {
                 .map_err(|source| BuildError::Backing { zone, source })?;
             backings.push(b);
         }
+        Self::from_backings(layout, backings)
+    }
+
+    /// Builds guest memory from the zone fds another Mosaic process created for
+    /// `layout` and handed over (live update): one fd per zone, in zone order. Every
+    /// fd is checked against its zone ([`Backing::adopt`]); nothing is allocated or
+    /// written, and all pages start shared until [`GuestMemory::restore_attrs`].
+    pub fn adopt(
+        layout: MemoryLayout,
+        fds: Vec<std::os::fd::OwnedFd>,
+        progress: Option<&(dyn Fn(usize, u64, u64) + Sync)>,
+    ) -> Result<Self, BuildError> {
+        if fds.len() != layout.zones().len() {
+            return Err(BuildError::ZoneFds { fds: fds.len(), zones: layout.zones().len() });
+        }
+        let mut backings = Vec::with_capacity(fds.len());
+        for ((zone, z), fd) in layout.zones().iter().enumerate().zip(fds) {
+            let pieces: Vec<(u64, u64)> =
+                layout.regions().iter().filter(|r| r.zone == zone).map(|r| (r.zone_offset, r.size)).collect();
+            let zone_progress = progress.map(|p| move |done: u64, total: u64| p(zone, done, total));
+            let zp = zone_progress.as_ref().map(|f| f as &(dyn Fn(u64, u64) + Sync));
+            let b = Backing::adopt(&z.backend, z.size, &pieces, fd, zp)
+                .map_err(|source| BuildError::Backing { zone, source })?;
+            backings.push(b);
+        }
+        Self::from_backings(layout, backings)
+    }
+
+    fn from_backings(layout: MemoryLayout, backings: Vec<Backing>) -> Result<Self, BuildError> {
         let mut regions = Vec::new();
         let (mut view_regions, mut kvm_regions, mut views) = (Vec::new(), Vec::new(), Vec::new());
         let mut piece = vec![0usize; backings.len()];
@@ -432,6 +469,24 @@ impl GuestMemory {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The page attributes, for the state a live update hands over.
+    pub fn attr_state(&self) -> crate::attrs::AttrState {
+        self.attrs().to_state()
+    }
+
+    /// Replaces the page attributes with `state` (handed over by a live update) and
+    /// protects the VMM view to match. Refused, with nothing changed, if `state` does
+    /// not describe this memory's RAM.
+    pub fn restore_attrs(&self, state: &crate::attrs::AttrState) -> Result<(), AttrError> {
+        let ram: Vec<(u64, u64)> = self.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        let restored = Attributes::from_state(state, &ram)?;
+        let mut attrs = self.attrs.write().unwrap_or_else(|e| e.into_inner());
+        *attrs = restored;
+        let (start, end) = (ram.first().map_or(0, |r| r.0), ram.last().map_or(0, |r| r.0 + r.1));
+        self.reprotect(&attrs, start, end - start);
         Ok(())
     }
 

@@ -15,7 +15,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -97,7 +97,9 @@ pub struct BackendSpec {
     /// The kind.
     pub kind: BackendKind,
     /// Path, for `file`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Always serialized (as null when absent): the binary state encoding has no
+    // field names, so every field must be present.
+    #[serde(default)]
     pub path: Option<PathBuf>,
     /// Populate all pages before the guest starts.
     #[serde(default)]
@@ -312,6 +314,14 @@ pub enum BackendError {
         /// Page size label.
         page: String,
     },
+    /// A handed-over fd is not what its zone's spec says it should be.
+    #[error("the {kind} fd handed over is not usable for this zone: {reason}")]
+    Adopt {
+        /// Backend.
+        kind: BackendKind,
+        /// What is wrong.
+        reason: String,
+    },
     /// `MADV_POPULATE_WRITE` failed (out of memory, or the file is too short).
     #[error("cannot prefault {size} bytes of {kind} memory")]
     Prefault {
@@ -347,15 +357,6 @@ impl Backing {
         gmem: Option<&dyn GmemFactory>,
         progress: Option<&(dyn Fn(u64, u64) + Sync)>,
     ) -> Result<Self, BackendError> {
-        let invalid =
-            || BackendError::Map { kind: spec.kind, size, source: io::Error::from(io::ErrorKind::InvalidInput) };
-        let whole = [(0, size)];
-        let pieces = if pieces.is_empty() { &whole[..] } else { pieces };
-        if pieces.iter().map(|p| p.1).sum::<u64>() != size {
-            return Err(invalid());
-        }
-        let align = spec.placement_align() as usize;
-        let map_err = |source| BackendError::Map { kind: spec.kind, size, source };
         let fd = match spec.kind {
             BackendKind::Anon => None,
             BackendKind::Memfd => Some(memfd(size).map_err(|source| BackendError::Memfd { size, source })?),
@@ -389,6 +390,44 @@ impl Backing {
                 Some(OwnedFd::from(open_backing_file(path, size)?))
             }
         };
+        Self::map(spec, size, pieces, fd, progress)
+    }
+
+    /// Adopts `fd`, the backing of a zone of `size` bytes that another Mosaic process
+    /// created from `spec` and handed over (live update), and maps it as `pieces`
+    /// (see [`Backing::create`]). The fd is checked first: its kind must be one that
+    /// can be shared between processes (never `anon`, `thp` without `shared`, or
+    /// `gmem`, which is bound to its VM), it must be at least `size` bytes, and a
+    /// hugetlb fd must have the spec's page size. With `spec.prefault`, the pages
+    /// (already allocated by the first process) are mapped in up front, which costs
+    /// page-table updates only.
+    pub fn adopt(
+        spec: &BackendSpec,
+        size: u64,
+        pieces: &[(u64, u64)],
+        fd: OwnedFd,
+        progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+    ) -> Result<Self, BackendError> {
+        check_adoptable(spec, size, fd.as_fd())?;
+        Self::map(spec, size, pieces, Some(fd), progress)
+    }
+
+    fn map(
+        spec: &BackendSpec,
+        size: u64,
+        pieces: &[(u64, u64)],
+        fd: Option<OwnedFd>,
+        progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+    ) -> Result<Self, BackendError> {
+        let invalid =
+            || BackendError::Map { kind: spec.kind, size, source: io::Error::from(io::ErrorKind::InvalidInput) };
+        let whole = [(0, size)];
+        let pieces = if pieces.is_empty() { &whole[..] } else { pieces };
+        if pieces.iter().map(|p| p.1).sum::<u64>() != size {
+            return Err(invalid());
+        }
+        let align = spec.placement_align() as usize;
+        let map_err = |source| BackendError::Map { kind: spec.kind, size, source };
         let mut mappings = Vec::with_capacity(pieces.len());
         for &(off, len) in pieces {
             let len = usize::try_from(len).map_err(|_| invalid())?;
@@ -451,6 +490,55 @@ impl Backing {
     /// The backing fd, if the kind has one.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
+    }
+}
+
+/// Whether a zone of this spec can be handed to another process as an fd.
+pub fn can_hand_over(spec: &BackendSpec) -> Result<(), &'static str> {
+    match spec.kind {
+        BackendKind::Anon => {
+            Err("anonymous memory has no fd to hand over (use memfd, hugetlb, thp with shared=on, or file)")
+        }
+        BackendKind::Thp if !spec.shared => {
+            Err("thp without shared=on is anonymous memory, which has no fd to hand over (use shared=on)")
+        }
+        BackendKind::Gmem => {
+            Err("guest_memfd is bound by the kernel to the VM that created it, so a new process's VM cannot adopt it \
+             (use memfd or hugetlb for guests that must survive a live update)")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks that `fd` can back a zone of `spec` and `size` bytes (see [`Backing::adopt`]).
+fn check_adoptable(spec: &BackendSpec, size: u64, fd: BorrowedFd<'_>) -> Result<(), BackendError> {
+    let bad = |reason: String| BackendError::Adopt { kind: spec.kind, reason };
+    can_hand_over(spec).map_err(|r| bad(r.into()))?;
+    let file = File::from(fd.try_clone_to_owned().map_err(|e| bad(format!("cannot duplicate it: {e}")))?);
+    let meta = file.metadata().map_err(|e| bad(format!("fstat failed: {e}")))?;
+    let ft = meta.file_type();
+    if !(ft.is_file() || (spec.kind == BackendKind::File && ft.is_char_device())) {
+        return Err(bad("it is not a regular file".into()));
+    }
+    if ft.is_file() && meta.len() < size {
+        return Err(bad(format!("it holds {} bytes, the zone needs {size}", meta.len())));
+    }
+    // SAFETY: statfs is plain data; fstatfs writes only into it and the fd is open.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: a valid fd and a valid, writable statfs.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(bad(format!("fstatfs failed: {}", io::Error::last_os_error())));
+    }
+    let hugetlbfs = st.f_type as i64 == HUGETLBFS_MAGIC;
+    match spec.kind {
+        BackendKind::Hugetlb if !hugetlbfs => Err(bad("it is not a hugetlb file".into())),
+        BackendKind::Hugetlb if st.f_bsize as u64 != spec.page_size => Err(bad(format!(
+            "its huge pages are {}, the zone has {}",
+            crate::page_label(st.f_bsize as u64),
+            crate::page_label(spec.page_size)
+        ))),
+        BackendKind::Memfd | BackendKind::Thp if hugetlbfs => Err(bad("it is a hugetlb file".into())),
+        _ => Ok(()),
     }
 }
 

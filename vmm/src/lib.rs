@@ -9,6 +9,7 @@ pub mod devices;
 pub mod guests;
 pub mod hostcheck;
 pub mod kvm;
+pub mod live;
 pub mod preflight;
 pub mod run;
 pub mod state;

@@ -47,7 +47,7 @@ struct CtlArgs {
     action: CtlAction,
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum CtlAction {
     /// State, guest, vCPUs, uptime, memory zones.
     Vm,
@@ -59,17 +59,38 @@ enum CtlAction {
     Resume,
     /// Shut the VM down (mosaic run exits 0).
     Shutdown,
+    /// Hand the running guest to a new Mosaic process (live update).
+    LiveUpdate {
+        /// The Mosaic binary to start (default: the one running the VM).
+        #[arg(long, value_name = "PATH", conflicts_with = "incoming")]
+        binary: Option<PathBuf>,
+        /// Hand over to a process started with `mosaic run --incoming SOCKET`.
+        #[arg(long, value_name = "SOCKET")]
+        incoming: Option<PathBuf>,
+    },
 }
 
 fn cmd_ctl(args: CtlArgs) -> ExitCode {
-    let (method, path) = match args.action {
+    let mut body = None;
+    let (method, path) = match &args.action {
         CtlAction::Vm => ("GET", "/api/v1/vm"),
         CtlAction::Memory => ("GET", "/api/v1/vm/memory"),
         CtlAction::Pause => ("PUT", "/api/v1/vm/pause"),
         CtlAction::Resume => ("PUT", "/api/v1/vm/resume"),
         CtlAction::Shutdown => ("PUT", "/api/v1/vm/shutdown"),
+        CtlAction::LiveUpdate { binary, incoming } => {
+            let mut b = serde_json::Map::new();
+            if let Some(p) = binary {
+                b.insert("binary".into(), p.display().to_string().into());
+            }
+            if let Some(p) = incoming {
+                b.insert("incoming".into(), p.display().to_string().into());
+            }
+            body = Some(serde_json::Value::Object(b).to_string());
+            ("PUT", "/api/v1/vm/live-update")
+        }
     };
-    let answer = match vmm::api::client::request(&args.api_socket, method, path, None) {
+    let answer = match vmm::api::client::request(&args.api_socket, method, path, body.as_deref()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("mosaic: ctl: {e}");
@@ -120,6 +141,22 @@ fn cmd_ctl(args: CtlArgs) -> ExitCode {
         CtlAction::Pause => println!("paused"),
         CtlAction::Resume => println!("resumed"),
         CtlAction::Shutdown => println!("shutting down"),
+        CtlAction::LiveUpdate { .. } => {
+            let b = &answer.body;
+            println!(
+                "handed over to process {}: downtime {} us (pause {}, save {}, transfer {}, restore {}, resume {}), \
+                 prepared in {} us, generation {}",
+                b["pid"],
+                b["downtime_us"],
+                b["pause_us"],
+                b["save_us"],
+                b["transfer_us"],
+                b["restore_us"],
+                b["resume_us"],
+                b["prepare_us"],
+                b["generation"]
+            );
+        }
     }
     ExitCode::SUCCESS
 }
@@ -160,6 +197,17 @@ struct RunArgs {
     /// flags given as well override it.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
+    /// A number handed to the guest program in boot info (`arg`); heartbeat takes the
+    /// number of live updates to wait for.
+    #[arg(long, value_name = "N")]
+    guest_arg: Option<u32>,
+    /// Take over a running guest from another Mosaic process (live update): listen on
+    /// SOCKET for it (`mosaic ctl live-update --incoming SOCKET`). Everything else about
+    /// the VM comes from the old process, so no other VM flag may be given.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = [
+        "guest", "kernel", "initramfs", "cmdline", "vcpus", "memory", "serial", "api_socket", "config", "guest_arg"
+    ])]
+    incoming: Option<String>,
 }
 
 impl RunArgs {
@@ -179,6 +227,7 @@ impl RunArgs {
             serial: self.serial,
             stats_json: self.stats_json,
             api_socket: self.api_socket,
+            guest_arg: self.guest_arg,
         };
         base.overridden_by(flags).resolve()
     }
@@ -220,7 +269,78 @@ fn write_stats(path: &std::path::Path, report: &RunReport) -> Result<(), String>
     std::fs::write(path, text + "\n").map_err(|e| format!("cannot write '{}': {e}", path.display()))
 }
 
+/// `mosaic run --incoming`: receive a guest from another Mosaic process and run it.
+fn cmd_incoming(spec: &str, stats_override: Option<PathBuf>) -> ExitCode {
+    let incoming: vmm::live::Incoming = match spec.parse() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("mosaic: --incoming: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let adopted = match vmm::live::incoming::receive(&incoming) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mosaic: live update refused, nothing ran here: {}", error_chain(&e));
+            return ExitCode::from(vmm::vm::control::EXIT_VM_FAILED as u8);
+        }
+    };
+    let vmm::live::incoming::Adopted { machine, api, zones, info, channel } = adopted;
+    let reservations: Vec<_> = info.pool_grants.iter().map(|g| vmm::preflight::PoolReservation::adopt(*g)).collect();
+    let stats_json = stats_override.or_else(|| info.stats_json.clone());
+    let mut channel = Some(channel);
+    let opts = run::DriveOptions {
+        deadline: None,
+        api,
+        zones,
+        handover: vmm::live::HandoverInfo { stats_json: stats_json.clone(), ..info },
+        on_running: Some(Box::new(move || {
+            if let Some(mut ch) = channel.take() {
+                let running_ns = run::monotonic_ns();
+                let _ = ch.send(&vmm::live::wire::Message::Running { running_ns }, &[]);
+            }
+        })),
+    };
+    eprintln!("mosaic: live update: running guest {} (pid {})", machine.guest, std::process::id());
+    finish_run(run::drive(machine, opts), stats_json.as_deref(), reservations)
+}
+
+/// Reports the end of a run: stats file, outcome line, pool reservations, exit code.
+fn finish_run(
+    result: Result<RunReport, run::RunError>,
+    stats_json: Option<&std::path::Path>,
+    mut reservations: Vec<vmm::preflight::PoolReservation>,
+) -> ExitCode {
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mosaic: {}", error_chain(&e));
+            return ExitCode::from(vmm::vm::control::EXIT_VM_FAILED as u8);
+        }
+    };
+    if report.outcome.kind == "handed_over" {
+        // The next process runs the guest: it writes the stats and gives the pool
+        // pages back when the guest ends.
+        eprintln!("mosaic: {}", report.outcome.description);
+        reservations.iter_mut().for_each(vmm::preflight::PoolReservation::disarm);
+        return ExitCode::SUCCESS;
+    }
+    if report.outcome.kind != "exit" && report.outcome.kind != "reset" {
+        eprintln!("mosaic: {}", report.outcome.description);
+    }
+    if let Some(p) = stats_json {
+        if let Err(e) = write_stats(p, &report) {
+            eprintln!("mosaic: --stats-json: {e}");
+        }
+    }
+    drop(reservations);
+    ExitCode::from(report.exit_code.clamp(0, 255) as u8)
+}
+
 fn cmd_run(args: RunArgs, start: Instant, start_ns: u64) -> ExitCode {
+    if let Some(spec) = args.incoming.clone() {
+        return cmd_incoming(&spec, args.stats_json);
+    }
     let mut plan = match args.plan() {
         Ok(p) => p,
         Err(e) => {
@@ -238,25 +358,13 @@ fn cmd_run(args: RunArgs, start: Instant, start_ns: u64) -> ExitCode {
         }
     };
     plan.layout = pre.layout.clone();
+    plan.pool_grants = pre.reservations.iter().map(vmm::preflight::PoolReservation::grant).collect();
     eprintln!("{}", start_line(&plan, &pre.choices));
-    let mut report = match run::execute(&plan, start, start_ns, None) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mosaic: {}", error_chain(&e));
-            return ExitCode::from(vmm::vm::control::EXIT_VM_FAILED as u8);
-        }
-    };
-    report.zones = pre.choices.clone();
-    if report.outcome.kind != "exit" && report.outcome.kind != "reset" {
-        eprintln!("mosaic: {}", report.outcome.description);
-    }
-    if let Some(p) = &plan.stats_json {
-        if let Err(e) = write_stats(p, &report) {
-            eprintln!("mosaic: --stats-json: {e}");
-        }
-    }
-    drop(pre);
-    ExitCode::from(report.exit_code.clamp(0, 255) as u8)
+    let result = run::execute(&plan, start, start_ns, None).map(|mut r| {
+        r.zones = pre.choices.clone();
+        r
+    });
+    finish_run(result, plan.stats_json.as_deref(), pre.reservations)
 }
 
 fn cmd_host_check(json: bool) -> ExitCode {

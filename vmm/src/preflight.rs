@@ -102,8 +102,38 @@ pub struct PoolReservation {
     added: u64,
 }
 
+/// Pool pages added for a VM, as handed to the next process by a live update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PoolGrant {
+    /// Huge page size of the pool.
+    pub page_size: u64,
+    /// Pages added.
+    pub added: u64,
+}
+
+impl PoolReservation {
+    /// What this reservation holds.
+    pub fn grant(&self) -> PoolGrant {
+        PoolGrant { page_size: self.page_size, added: self.added }
+    }
+
+    /// Takes over pages another process added (live update): they are given back
+    /// when this is dropped.
+    pub fn adopt(grant: PoolGrant) -> Self {
+        PoolReservation { root: PathBuf::from(hugepage::SYSFS_ROOT), page_size: grant.page_size, added: grant.added }
+    }
+
+    /// Keeps the pages in the pool (a live update handed them to the next process).
+    pub fn disarm(&mut self) {
+        self.added = 0;
+    }
+}
+
 impl Drop for PoolReservation {
     fn drop(&mut self) {
+        if self.added == 0 {
+            return;
+        }
         if let Ok(p) = hugepage::pools::pool_at(&self.root, self.page_size) {
             let _ = hugepage::set_pool_size_at(&self.root, self.page_size, p.total.saturating_sub(self.added));
         }

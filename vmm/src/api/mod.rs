@@ -6,10 +6,11 @@ pub mod client;
 pub mod http;
 pub mod routes;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -39,6 +40,31 @@ pub enum ApiError {
     },
 }
 
+/// Where the API listens.
+#[derive(Debug)]
+pub enum ApiSocket {
+    /// Bind a new socket at this path.
+    Bind(PathBuf),
+    /// A listening socket handed over by a live update, with its path.
+    Inherited {
+        /// Its path (removed at exit).
+        path: PathBuf,
+        /// The listening socket.
+        fd: OwnedFd,
+    },
+}
+
+/// The live-update state the API shares with the update thread.
+#[derive(Debug, Default)]
+pub struct LiveState {
+    /// An update is running.
+    pub busy: AtomicBool,
+    /// The guest was handed over: the socket file now belongs to the new process.
+    pub handed_over: AtomicBool,
+    /// The new process, once committed to.
+    pub new_pid: std::sync::atomic::AtomicU32,
+}
+
 /// What the endpoints read and act on.
 pub struct ApiContext {
     /// Run control (pause, resume, shutdown).
@@ -53,23 +79,24 @@ pub struct ApiContext {
     pub vcpu_threads: Vec<libc::pthread_t>,
     /// Per-zone choices (asked/got).
     pub zones: Value,
+    /// What a live update needs of the running VM.
+    pub live: Arc<crate::live::Source>,
+    /// Whether an update runs, and whether the guest was handed over.
+    pub live_state: Arc<LiveState>,
 }
 
 impl ApiContext {
     /// Kicks every vCPU thread out of KVM_RUN.
     pub fn kick(&self) {
-        for &t in &self.vcpu_threads {
-            // SAFETY: the threads are the run's vCPU threads, which are joined only
-            // after the event loop (and so this API) has stopped; a thread that has
-            // already returned (parked) is still a valid, unjoined pthread_t.
-            unsafe { libc::pthread_kill(t, crate::vm::vcpu::kick_signal()) };
-        }
+        crate::vm::vcpu::kick_threads(&self.vcpu_threads);
     }
 
     /// `GET /api/v1/vm`.
     pub fn vm_info(&self) -> Value {
         let state = if self.ctl.stopping() {
             "stopping"
+        } else if self.live_state.busy.load(Ordering::SeqCst) {
+            "live-updating"
         } else if self.ctl.pause_requested() {
             "paused"
         } else {
@@ -80,6 +107,8 @@ impl ApiContext {
             "guest": self.guest,
             "vcpus": self.vcpu_threads.len(),
             "uptime_ms": self.ctl.uptime().as_millis() as u64,
+            "live_update_generation": self.live.devices.guest_ports().generation(),
+            "pid": std::process::id(),
             "memory_zones": self.zones,
         })
     }
@@ -105,15 +134,23 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on `path` (which must not exist), mode 0600.
-    pub fn bind(path: &Path, ctx: ApiContext) -> Result<Self, ApiError> {
-        if path.exists() {
-            return Err(ApiError::Exists(path.into()));
-        }
-        let err = |source| ApiError::Bind { path: path.into(), source };
-        let listener = UnixListener::bind(path).map_err(err)?;
-        let server = ApiServer { listener, path: path.into(), ctx };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    /// Serves on `sock`: a new socket (the path must not exist; created 0600) or one
+    /// handed over by a live update.
+    pub fn new(sock: ApiSocket, ctx: ApiContext) -> Result<Self, ApiError> {
+        let (listener, path) = match sock {
+            ApiSocket::Bind(path) => {
+                if path.exists() {
+                    return Err(ApiError::Exists(path));
+                }
+                let err = |source| ApiError::Bind { path: path.clone(), source };
+                let listener = UnixListener::bind(&path).map_err(err)?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+                (listener, path)
+            }
+            ApiSocket::Inherited { path, fd } => (UnixListener::from(fd), path),
+        };
+        let server = ApiServer { listener, path, ctx };
+        let err = |source| ApiError::Bind { path: server.path.clone(), source };
         server.listener.set_nonblocking(true).map_err(err)?;
         Ok(server)
     }
@@ -123,11 +160,24 @@ impl ApiServer {
         self.ctx.vcpu_threads = threads;
     }
 
+    /// A duplicate of the listening socket and its path, for a live update to hand over.
+    pub fn listener(&self) -> Option<(PathBuf, OwnedFd)> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned().ok().map(|fd| (self.path.clone(), fd))
+    }
+
     fn serve(&self, mut conn: UnixStream) {
         let _ = conn.set_nonblocking(false);
         let _ = conn.set_read_timeout(Some(http::READ_TIMEOUT));
         let _ = conn.set_write_timeout(Some(http::READ_TIMEOUT));
         let (status, body) = match http::read_request(&mut conn) {
+            Ok(req) if req.method == "PUT" && req.path == "/api/v1/vm/live-update" => {
+                match routes::start_live_update(&req, &self.ctx, self.listener()) {
+                    // The update thread answers on the connection when it is done.
+                    Ok(job) => return job.run_on(conn),
+                    Err(answer) => answer,
+                }
+            }
             Ok(req) => routes::handle(&req, &self.ctx),
             Err(e) => (e.status(), Some(json!({ "error": e.to_string() }))),
         };
@@ -137,12 +187,20 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // After a live update the socket file is the new process's.
+        if !self.ctx.live_state.handed_over.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
 impl MutEventSubscriber for ApiServer {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if self.ctx.live_state.handed_over.load(Ordering::SeqCst) {
+            // The new process serves the socket now; this one is about to exit.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            return;
+        }
         while let Ok((conn, _)) = self.listener.accept() {
             self.serve(conn);
         }

@@ -114,6 +114,9 @@ pub enum ConfigError {
     /// A bad `--api-socket`.
     #[error("--api-socket: {0}")]
     ApiSocket(String),
+    /// `--guest-arg` with `--kernel`.
+    #[error("--guest-arg is for guest programs, not --kernel")]
+    GuestArgWithKernel,
     /// `--stats-json` in a directory that does not exist.
     #[error("--stats-json: directory '{0}' does not exist")]
     StatsDir(PathBuf),
@@ -150,6 +153,9 @@ pub struct VmConfig {
     /// Serve the API on this Unix socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
+    /// A number for the guest program (boot info `arg`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_arg: Option<u32>,
 }
 
 impl VmConfig {
@@ -164,7 +170,7 @@ impl VmConfig {
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
-        take!(guest, kernel, initramfs, cmdline, vcpus, serial, stats_json, api_socket);
+        take!(guest, kernel, initramfs, cmdline, vcpus, serial, stats_json, api_socket, guest_arg);
         if !over.memory.is_empty() {
             self.memory = over.memory;
         }
@@ -192,6 +198,7 @@ impl VmConfig {
         check_capacity(&layout)?;
         let boot = match (self.guest, self.kernel) {
             (Some(_), Some(_)) => return Err(ConfigError::GuestAndKernel),
+            (None, Some(_)) if self.guest_arg.is_some() => return Err(ConfigError::GuestArgWithKernel),
             (None, Some(kernel)) => {
                 readable("--kernel", &kernel)?;
                 if let Some(i) = &self.initramfs {
@@ -246,7 +253,16 @@ impl VmConfig {
                 )));
             }
         }
-        Ok(RunPlan { boot, vcpus, layout, serial, stats_json: self.stats_json, api_socket: self.api_socket })
+        Ok(RunPlan {
+            boot,
+            vcpus,
+            layout,
+            serial,
+            stats_json: self.stats_json,
+            api_socket: self.api_socket,
+            guest_arg: self.guest_arg.unwrap_or(0),
+            pool_grants: Vec::new(),
+        })
     }
 }
 
@@ -337,6 +353,11 @@ pub struct RunPlan {
     pub stats_json: Option<PathBuf>,
     /// API socket path.
     pub api_socket: Option<PathBuf>,
+    /// Boot info `arg` for guest programs.
+    pub guest_arg: u32,
+    /// Hugetlb pool pages this VM added (reserve=auto), filled in from the preflight:
+    /// a live update hands them to the next process, which gives them back.
+    pub pool_grants: Vec<crate::preflight::PoolGrant>,
 }
 
 #[cfg(test)]

@@ -30,6 +30,21 @@ pub enum IoAction {
     Exception,
 }
 
+/// What a live update hands over of the devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    /// COM1's registers and receive buffer.
+    pub serial: serial::SerialRegs,
+    /// Live updates the guest has gone through (after this one: the new process adds 1).
+    pub generation: u64,
+    /// Boot-marker time from the first process's start, in ns.
+    pub boot_marker_ns: Option<u64>,
+    /// Accesses to ports no device claims, so far.
+    pub unknown_port_accesses: u64,
+    /// CLOCK_MONOTONIC (ns) when the first process of this guest started.
+    pub start_monotonic_ns: u64,
+}
+
 /// All devices of one VM.
 pub struct Devices {
     serial: Mutex<serial::Serial>,
@@ -65,6 +80,33 @@ impl Devices {
     /// Number of accesses to ports no device claims.
     pub fn unknown_accesses(&self) -> u64 {
         self.unknown.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Captures the device state (vCPUs paused). `start_monotonic_ns`: when the
+    /// guest's first process started.
+    pub fn save(&self, start_monotonic_ns: u64) -> DevicesState {
+        let serial = self.serial.lock().map(|mut s| s.save()).unwrap_or_default();
+        DevicesState {
+            serial,
+            generation: self.ports.generation(),
+            boot_marker_ns: self.ports.boot_marker().map(|d| d.as_nanos() as u64),
+            unknown_port_accesses: self.unknown_accesses(),
+            start_monotonic_ns,
+        }
+    }
+
+    /// Restores what [`Devices::save`] captured, as the next generation.
+    pub fn restore(&self, s: &DevicesState) {
+        if let Ok(mut serial) = self.serial.lock() {
+            serial.restore(&s.serial);
+        }
+        self.ports.restore(s.generation.saturating_add(1), s.boot_marker_ns.map(std::time::Duration::from_nanos));
+        self.unknown.store(s.unknown_port_accesses, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The serial console's output fd, to hand over (`None` when it discards).
+    pub fn serial_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.serial.lock().ok().and_then(|s| s.output_fd())
     }
 
     /// Flushes the serial console.
@@ -103,6 +145,7 @@ impl Devices {
                 }
             }
             i8042::DATA | i8042::COMMAND => self.i8042.read(port, data),
+            guest_ports::FIRST..=guest_ports::LAST => self.ports.read(port, data),
             _ => {
                 self.unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 data.fill(0xff);

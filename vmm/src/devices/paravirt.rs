@@ -77,8 +77,8 @@ pub fn memory_fault(flags: u64, gpa: u64, size: u64, mem: &GuestMemory) -> Resul
     }
 }
 
-/// One vCPU's registers of both devices.
-#[derive(Debug, Default)]
+/// One vCPU's registers of both devices (handed over by a live update).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VcpuPorts {
     conv_gpa: u64,
     conv_pages: u64,

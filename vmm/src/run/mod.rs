@@ -13,11 +13,13 @@ use thiserror::Error;
 
 use crate::boot::{linux, program};
 use crate::config::{BootSource, RunPlan};
+use crate::devices::paravirt::VcpuPorts;
 use crate::devices::serial::{Serial, COM1_IRQ};
 use crate::devices::{Devices, SerialError};
 use crate::kvm::stats::StatsFd;
 use crate::vm::control::{Outcome, RunControl};
 use crate::vm::{vcpu, Vm, VmError};
+use kvm_ioctls::{Kvm, VcpuFd};
 use report::{ReportInputs, RunReport};
 
 /// Errors that stop a run before the guest could decide its outcome.
@@ -61,14 +63,43 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
 }
 
-/// Runs `plan` to the end. `start` is when the VMM started; `deadline` (from now)
-/// stops a run that takes longer.
-pub fn execute(
-    plan: &RunPlan,
-    start: Instant,
-    start_ns: u64,
-    deadline: Option<Duration>,
-) -> Result<RunReport, RunError> {
+/// A VM ready to run: built and loaded for a fresh boot, or adopted and restored by a
+/// live update.
+pub struct Machine {
+    /// The VM (shared with the API's live-update path, which captures its state).
+    pub vm: Arc<Vm>,
+    /// Its devices.
+    pub devices: Arc<Devices>,
+    /// vCPUs with their port registers, by index; `None` for a vCPU that stays parked.
+    pub vcpus: Vec<Option<(VcpuFd, VcpuPorts)>>,
+    /// Guest program name or kernel path.
+    pub guest: String,
+    /// A guest program (as opposed to Linux).
+    pub is_program: bool,
+    /// KVM handle for vCPU state captures.
+    pub kvm: Arc<Kvm>,
+    /// When the guest's first process started (uptime and boot-marker times count from it).
+    pub start: Instant,
+    /// The same, as CLOCK_MONOTONIC ns.
+    pub start_ns: u64,
+}
+
+/// How a machine is run, beyond the machine itself.
+pub struct DriveOptions {
+    /// Stop a run that takes longer.
+    pub deadline: Option<Duration>,
+    /// The API socket, if any.
+    pub api: Option<crate::api::ApiSocket>,
+    /// Per-zone settings, as the API shows them.
+    pub zones: serde_json::Value,
+    /// What a live update hands the next process besides the state.
+    pub handover: crate::live::HandoverInfo,
+    /// Called once the vCPU threads run (a live update's new process confirms here).
+    pub on_running: Option<Box<dyn FnOnce()>>,
+}
+
+/// Builds the VM of `plan` and loads its guest.
+pub fn build(plan: &RunPlan, start: Instant, start_ns: u64) -> Result<Machine, RunError> {
     let n = plan.vcpus;
     let vm = Vm::new(plan.layout.clone())?;
     let mem = vm.memory().clone();
@@ -83,7 +114,7 @@ pub fn execute(
     let guest = match &plan.boot {
         BootSource::Program { name, image, kernel_mode } => {
             let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
-            let mut boot = program::prepare(&mem, image, n, tsc_khz, vm.offers_1g_pages())?;
+            let mut boot = program::prepare(&mem, image, n, tsc_khz, vm.offers_1g_pages(), plan.guest_arg)?;
             boot.kernel_mode = *kernel_mode;
             for (i, v) in vcpus.iter().enumerate() {
                 program::configure_vcpu(v, i as u32, &boot)?;
@@ -107,26 +138,84 @@ pub fn execute(
             mem.make_private(start, end - start)?;
         }
     }
+    Ok(Machine {
+        vm: Arc::new(vm),
+        devices,
+        vcpus: vcpus.into_iter().map(|v| Some((v, VcpuPorts::default()))).collect(),
+        guest,
+        is_program,
+        kvm: Arc::new(Kvm::new().map_err(|e| RunError::Vm(VmError::OpenKvm(e)))?),
+        start,
+        start_ns,
+    })
+}
+
+/// Runs `plan` to the end. `start` is when the VMM started; `deadline` (from now)
+/// stops a run that takes longer.
+pub fn execute(
+    plan: &RunPlan,
+    start: Instant,
+    start_ns: u64,
+    deadline: Option<Duration>,
+) -> Result<RunReport, RunError> {
+    let machine = build(plan, start, start_ns)?;
+    let opts = DriveOptions {
+        deadline,
+        api: plan.api_socket.clone().map(crate::api::ApiSocket::Bind),
+        zones: serde_json::to_value(plan.layout.zones()).unwrap_or_default(),
+        handover: crate::live::HandoverInfo {
+            stats_json: plan.stats_json.clone(),
+            pool_grants: plan.pool_grants.clone(),
+            zones_json: String::new(),
+        },
+        on_running: None,
+    };
+    drive(machine, opts)
+}
+
+/// Runs a machine to the end: starts its vCPU threads, serves the API socket, waits
+/// for the outcome, stops everything and reports.
+pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunError> {
+    let Machine { vm, devices, vcpus, guest, is_program, kvm, start, start_ns } = machine;
+    let n = vcpus.len() as u32;
+    let mem = vm.memory().clone();
     let vm_stats = StatsFd::open(vm.fd()).ok().map(Arc::new);
     vcpu::install_kick_handler()?;
     let ctl = Arc::new(RunControl::new(n, start)?);
-    let mut api = match &plan.api_socket {
-        Some(path) => Some(crate::api::ApiServer::bind(
-            path,
+    opts.handover.zones_json = opts.zones.to_string();
+    let live = crate::live::Source {
+        vm: vm.clone(),
+        devices: devices.clone(),
+        ctl: ctl.clone(),
+        guest: guest.clone(),
+        is_program,
+        start_ns,
+        info: opts.handover,
+    };
+    let mut api = match opts.api {
+        Some(sock) => Some(crate::api::ApiServer::new(
+            sock,
             crate::api::ApiContext {
                 ctl: ctl.clone(),
                 mem: mem.clone(),
                 vm_stats: vm_stats.clone(),
                 guest: guest.clone(),
                 vcpu_threads: Vec::new(),
-                zones: serde_json::to_value(plan.layout.zones()).unwrap_or_default(),
+                zones: opts.zones,
+                live: Arc::new(live),
+                live_state: Default::default(),
             },
         )?),
         None => None,
     };
+    let shared = vcpu::VcpuShared { devices: devices.clone(), mem: mem.clone(), ctl: ctl.clone(), kvm };
     let mut handles = Vec::with_capacity(vcpus.len());
     for (i, v) in vcpus.into_iter().enumerate() {
-        match vcpu::spawn(i as u32, v, devices.clone(), mem.clone(), ctl.clone()) {
+        let Some((v, ports)) = v else {
+            ctl.mark_parked();
+            continue;
+        };
+        match vcpu::spawn(i as u32, v, ports, shared.clone()) {
             Ok(h) => handles.push(h),
             Err(e) => {
                 ctl.finish(Outcome::Error { vcpu: i as u32, message: format!("cannot start thread: {e}") });
@@ -134,11 +223,14 @@ pub fn execute(
             }
         }
     }
+    if let Some(f) = opts.on_running.take() {
+        f();
+    }
     if let Some(api) = api.as_mut() {
         use std::os::unix::thread::JoinHandleExt;
         api.set_vcpu_threads(handles.iter().map(|h| h.as_pthread_t()).collect());
     }
-    if let Err(e) = events::wait_for_stop(&ctl, deadline, api) {
+    if let Err(e) = events::wait_for_stop(&ctl, opts.deadline, api) {
         ctl.finish(Outcome::Error { vcpu: 0, message: format!("event loop failed: {e}") });
     }
     let reports = vcpu::stop_all(handles);
@@ -159,5 +251,6 @@ pub fn execute(
         pss,
         unknown_port_accesses: devices.unknown_accesses(),
         private: report::PrivateReport::new(&mem),
+        generation: devices.guest_ports().generation(),
     }))
 }

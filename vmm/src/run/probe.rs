@@ -25,6 +25,8 @@ fn one(kernel_mode: bool) -> Result<u64, (bool, String)> {
         serial: SerialOutput::None,
         stats_json: None,
         api_socket: None,
+        guest_arg: 0,
+        pool_grants: Vec::new(),
     };
     let start = Instant::now();
     let r = super::execute(&plan, start, super::monotonic_ns(), Some(PROBE_TIMEOUT))

@@ -92,6 +92,8 @@ pub struct RunReport {
     pub unknown_port_accesses: u64,
     /// Private memory: page states and conversions.
     pub private_memory: PrivateReport,
+    /// Live updates the guest went through before this process ended it.
+    pub live_update_generation: u64,
 }
 
 /// Private memory at exit (docs/PRIVATE-MEMORY.md).
@@ -232,6 +234,8 @@ pub struct ReportInputs {
     pub unknown_port_accesses: u64,
     /// Private memory.
     pub private: PrivateReport,
+    /// Live-update generation.
+    pub generation: u64,
 }
 
 impl RunReport {
@@ -276,6 +280,7 @@ impl RunReport {
             vmm_pss_bytes: i.pss.map(|r| r.saturating_sub(guest_resident)),
             unknown_port_accesses: i.unknown_port_accesses,
             private_memory: i.private,
+            live_update_generation: i.generation,
         }
     }
 }

@@ -351,6 +351,48 @@ pub fn capture(vcpu: &VcpuFd, kvm: &Kvm) -> Result<VcpuState, StateError> {
     })
 }
 
+/// KVM device-attribute ioctls on a vCPU fd (kvm-ioctls offers them on aarch64 only).
+#[allow(missing_docs)]
+mod attr_ioctls {
+    vmm_sys_util::ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, kvm_bindings::KVMIO, 0xe1, kvm_bindings::kvm_device_attr);
+    vmm_sys_util::ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, kvm_bindings::KVMIO, 0xe2, kvm_bindings::kvm_device_attr);
+}
+use attr_ioctls::{KVM_GET_DEVICE_ATTR, KVM_SET_DEVICE_ATTR};
+
+fn tsc_offset_attr(value: &mut u64) -> kvm_bindings::kvm_device_attr {
+    kvm_bindings::kvm_device_attr {
+        flags: 0,
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
+        addr: value as *mut u64 as u64,
+    }
+}
+
+/// The vCPU's TSC offset (guest TSC = host TSC + offset, KVM_VCPU_TSC_OFFSET), or
+/// `None` where the host does not offer the attribute (Linux before 5.16).
+pub fn tsc_offset(vcpu: &VcpuFd) -> Option<u64> {
+    let mut value = 0u64;
+    let attr = tsc_offset_attr(&mut value);
+    // SAFETY: KVM_GET_DEVICE_ATTR reads `attr` and writes one u64 to `attr.addr`,
+    // which points at `value`, alive for the whole call; the result is checked.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_GET_DEVICE_ATTR(), &attr) };
+    (ret == 0).then_some(value)
+}
+
+/// Sets the vCPU's TSC offset (after [`restore`], which writes the TSC MSR: the offset
+/// then wins, and the guest TSC continues from the host TSC as before).
+pub fn set_tsc_offset(vcpu: &VcpuFd, offset: u64) -> Result<(), StateError> {
+    let mut value = offset;
+    let attr = tsc_offset_attr(&mut value);
+    // SAFETY: KVM_SET_DEVICE_ATTR reads `attr` and one u64 from `attr.addr`, which
+    // points at `value`, alive for the whole call; the result is checked.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_SET_DEVICE_ATTR(), &attr) };
+    if ret != 0 {
+        return Err(StateError::Kvm { what: "KVM_SET_DEVICE_ATTR (TSC offset)", source: kvm_ioctls::Error::last() });
+    }
+    Ok(())
+}
+
 /// The size in bytes KVM_SET_XSAVE would read for a vCPU of this process:
 /// KVM_CAP_XSAVE2 (at least 4096), or 4096 where the host lacks the capability.
 fn xsave_uabi_size() -> usize {

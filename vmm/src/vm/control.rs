@@ -67,6 +67,11 @@ pub enum Outcome {
     Signal(i32),
     /// An operator asked for shutdown through the API socket.
     ApiShutdown,
+    /// A live update handed the guest to a new Mosaic process, which runs it on.
+    HandedOver {
+        /// The new process.
+        pid: u32,
+    },
 }
 
 /// Exit code of `mosaic run` when the VM failed rather than the guest deciding.
@@ -77,7 +82,7 @@ impl Outcome {
     pub fn exit_code(&self) -> i32 {
         match self {
             Outcome::Exit(c) => i32::from(*c),
-            Outcome::Reset | Outcome::ApiShutdown => 0,
+            Outcome::Reset | Outcome::ApiShutdown | Outcome::HandedOver { .. } => 0,
             Outcome::Signal(s) => 128 + s,
             _ => EXIT_VM_FAILED,
         }
@@ -94,6 +99,7 @@ impl Outcome {
             Outcome::Error { vcpu, message } => format!("vCPU {vcpu}: {message}"),
             Outcome::Signal(s) => format!("stopped by signal {s}"),
             Outcome::ApiShutdown => "shut down through the API socket".into(),
+            Outcome::HandedOver { pid } => format!("live update: the guest runs on in process {pid}"),
         }
     }
 
@@ -108,6 +114,7 @@ impl Outcome {
             Outcome::Error { .. } => "error",
             Outcome::Signal(_) => "signal",
             Outcome::ApiShutdown => "api_shutdown",
+            Outcome::HandedOver { .. } => "handed_over",
         }
     }
 }
@@ -125,6 +132,18 @@ pub struct RunControl {
     /// vCPUs currently waiting in [`RunControl::wait_while_paused`].
     paused: Mutex<u32>,
     pause_cv: Condvar,
+    /// While set, vCPUs capture their state when they pause (live update).
+    capture_requested: AtomicBool,
+    captures: Mutex<Vec<Option<VcpuCapture>>>,
+}
+
+/// What a vCPU thread deposits when it pauses for a live update.
+#[derive(Debug)]
+pub struct VcpuCapture {
+    /// CLOCK_MONOTONIC (ns) when the thread left KVM_RUN.
+    pub left_run_ns: u64,
+    /// Its state, or why it could not be captured.
+    pub state: Result<crate::state::format::VcpuEntry, String>,
 }
 
 impl RunControl {
@@ -140,6 +159,8 @@ impl RunControl {
             pause_requested: AtomicBool::new(false),
             paused: Mutex::new(0),
             pause_cv: Condvar::new(),
+            capture_requested: AtomicBool::new(false),
+            captures: Mutex::new((0..vcpus).map(|_| None).collect()),
         })
     }
 
@@ -201,11 +222,53 @@ impl RunControl {
         }
     }
 
+    /// Whether paused vCPUs should capture their state.
+    pub fn capture_requested(&self) -> bool {
+        self.capture_requested.load(Ordering::SeqCst)
+    }
+
+    /// Pauses like [`RunControl::pause`], with every vCPU capturing its state before
+    /// it waits (see [`RunControl::deposit`]). Returns the captures (by vCPU index;
+    /// `None` for parked vCPUs), or `None` if the vCPUs did not pause in time (the
+    /// pause request then stays raised: call [`RunControl::resume`]).
+    pub fn pause_and_capture(&self, kick: impl Fn(), timeout: Duration) -> Option<Vec<Option<VcpuCapture>>> {
+        if let Ok(mut c) = self.captures.lock() {
+            c.iter_mut().for_each(|slot| *slot = None);
+        }
+        self.capture_requested.store(true, Ordering::SeqCst);
+        let paused = self.pause(kick, timeout);
+        self.capture_requested.store(false, Ordering::SeqCst);
+        if !paused || self.stopping() {
+            return None;
+        }
+        self.captures.lock().ok().map(|mut c| c.iter_mut().map(Option::take).collect())
+    }
+
+    /// A vCPU thread's capture, made after it left KVM_RUN for a capturing pause and
+    /// before it waits.
+    pub fn deposit(&self, index: u32, capture: VcpuCapture) {
+        if let Ok(mut c) = self.captures.lock() {
+            if let Some(slot) = c.get_mut(index as usize) {
+                *slot = Some(capture);
+            }
+        }
+    }
+
+    /// Marks a vCPU as parked without a thread (a live update restored it parked).
+    pub fn mark_parked(&self) {
+        self.park();
+    }
+
     /// Lifts a pause.
     pub fn resume(&self) {
         self.pause_requested.store(false, Ordering::SeqCst);
         let _g = self.paused.lock();
         self.pause_cv.notify_all();
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus
     }
 
     /// Time since the VMM started.

@@ -87,6 +87,19 @@ pub struct Vm {
 impl Vm {
     /// Creates a VM, its guest memory and memslots, and the in-kernel irqchip.
     pub fn new(layout: MemoryLayout) -> Result<Self, VmError> {
+        Self::with_memory(|fd, progress| GuestMemory::new(layout, Some(&VmGmem(fd)), Some(progress)))
+    }
+
+    /// Creates a VM whose memory adopts the zone fds a live update handed over.
+    pub fn adopt(layout: MemoryLayout, fds: Vec<OwnedFd>) -> Result<Self, VmError> {
+        Self::with_memory(|_, progress| GuestMemory::adopt(layout, fds, Some(progress)))
+    }
+
+    /// Creates a VM, then its memory with `make` (given the VM fd and a prefault
+    /// progress reporter), registers the memslots and creates the irqchip.
+    fn with_memory(
+        make: impl FnOnce(&VmFd, &(dyn Fn(usize, u64, u64) + Sync)) -> Result<GuestMemory, guest_mem::accessor::BuildError>,
+    ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let last_decile = std::sync::atomic::AtomicU64::new(0);
@@ -107,7 +120,7 @@ impl Vm {
                 }
             }
         };
-        let mem = Arc::new(GuestMemory::new(layout, Some(&VmGmem(&fd)), Some(&progress))?);
+        let mem = Arc::new(make(&fd, &progress)?);
         memslots::register(&fd, &mem)?;
         fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         enable_map_gpa_range_exits(&fd);

@@ -17,10 +17,11 @@ use std::thread::{self, JoinHandle};
 use guest_mem::GuestMemory;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::control::{FaultReport, Outcome, RunControl};
+use super::control::{FaultReport, Outcome, RunControl, VcpuCapture};
 use crate::devices::paravirt::VcpuPorts;
 use crate::devices::{Devices, IoAction};
 use crate::kvm::stats::StatsFd;
+use crate::state::format::VcpuEntry;
 
 /// How a vCPU thread ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,16 @@ pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
+/// Kicks these vCPU threads out of KVM_RUN.
+pub fn kick_threads(threads: &[libc::pthread_t]) {
+    for &t in threads {
+        // SAFETY: callers pass the run's vCPU threads, which are joined only after the
+        // event loop (and so the API and live update it serves) has stopped; a thread
+        // that has already returned (parked) is still a valid, unjoined pthread_t.
+        unsafe { libc::pthread_kill(t, kick_signal()) };
+    }
+}
+
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Installs the kick signal's handler (once per process): it does nothing but
@@ -59,33 +70,51 @@ pub fn install_kick_handler() -> io::Result<()> {
 }
 
 /// Starts vCPU `index` on a thread named `vcpuN`.
-pub fn spawn(
-    index: u32,
-    vcpu: VcpuFd,
-    devices: Arc<Devices>,
-    mem: Arc<GuestMemory>,
-    ctl: Arc<RunControl>,
-) -> io::Result<JoinHandle<VcpuReport>> {
+pub fn spawn(index: u32, vcpu: VcpuFd, ports: VcpuPorts, shared: VcpuShared) -> io::Result<JoinHandle<VcpuReport>> {
     thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
         let stats_fd = StatsFd::open(&vcpu).ok();
         let mut vcpu = vcpu;
-        let state = run_loop(index, &mut vcpu, &devices, &mem, &ctl);
+        let state = run_loop(index, &mut vcpu, ports, &shared);
         let stats = stats_fd.and_then(|s| s.read().ok()).unwrap_or_default();
         VcpuReport { index, state, stats }
     })
 }
 
-fn run_loop(index: u32, vcpu: &mut VcpuFd, devices: &Devices, mem: &GuestMemory, ctl: &RunControl) -> VcpuState {
+/// What every vCPU thread of a VM shares.
+#[derive(Clone)]
+pub struct VcpuShared {
+    /// Devices on the port bus.
+    pub devices: Arc<Devices>,
+    /// Guest memory.
+    pub mem: Arc<GuestMemory>,
+    /// Run control.
+    pub ctl: Arc<RunControl>,
+    /// The KVM system handle (MSR lists, capabilities) for state captures.
+    pub kvm: Arc<kvm_ioctls::Kvm>,
+}
+
+/// Captures this vCPU for a live update: KVM state, port registers, TSC offset.
+fn capture(vcpu: &VcpuFd, kvm: &kvm_ioctls::Kvm, ports: &VcpuPorts) -> Result<VcpuEntry, String> {
+    let kvm_state = crate::state::vcpu::capture(vcpu, kvm).map_err(|e| crate::error_chain(&e))?;
+    Ok(VcpuEntry { kvm: Some(kvm_state), ports: ports.clone(), tsc_offset: crate::state::vcpu::tsc_offset(vcpu) })
+}
+
+fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuShared) -> VcpuState {
+    let (devices, mem, ctl) = (&*shared.devices, &*shared.mem, &*shared.ctl);
     let fail = |message: String| {
         ctl.finish(Outcome::Error { vcpu: index, message });
         VcpuState::Stopped
     };
-    let mut ports = VcpuPorts::default();
     loop {
         if ctl.stopping() {
             return VcpuState::Stopped;
         }
         if ctl.pause_requested() {
+            if ctl.capture_requested() {
+                let left_run_ns = crate::run::monotonic_ns();
+                let state = capture(vcpu, &shared.kvm, &ports);
+                ctl.deposit(index, VcpuCapture { left_run_ns, state });
+            }
             ctl.wait_while_paused();
             continue;
         }

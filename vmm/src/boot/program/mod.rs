@@ -73,13 +73,14 @@ pub struct ProgramBoot {
 
 /// Loads `image` and builds everything a guest program runs on.
 /// `use_1g`: the guest CPU offers 1 GiB pages (CPUID PDPE1GB), so 1 GiB-backed RAM is
-/// mapped with 1 GiB entries.
+/// mapped with 1 GiB entries. `arg` goes to boot info (`--guest-arg`).
 pub fn prepare(
     mem: &GuestMemory,
     image: &[u8],
     vcpus: u32,
     tsc_khz: u32,
     use_1g: bool,
+    arg: u32,
 ) -> Result<ProgramBoot, ProgramError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(ProgramError::TooManyVcpus(vcpus));
@@ -125,12 +126,12 @@ pub fn prepare(
         return Err(ProgramError::TooManyRanges);
     }
     let ram_size = ram.iter().map(|r| r.1).sum();
-    mem.write(BOOT_INFO, &boot_info(vcpus, ram_size, tsc_khz, tables.page_shift, &free))?;
+    mem.write(BOOT_INFO, &boot_info(vcpus, ram_size, tsc_khz, tables.page_shift, &free, arg))?;
     Ok(ProgramBoot { entry: img.entry, vcpus, stacks, free, kernel_mode: false })
 }
 
 /// The boot-info block (docs/GUEST-ABI.md).
-pub fn boot_info(vcpus: u32, ram_size: u64, tsc_khz: u32, page_shift: u32, free: &[(u64, u64)]) -> Vec<u8> {
+pub fn boot_info(vcpus: u32, ram_size: u64, tsc_khz: u32, page_shift: u32, free: &[(u64, u64)], arg: u32) -> Vec<u8> {
     let mut b = Vec::with_capacity(40 + 16 * free.len());
     b.extend(BOOT_INFO_MAGIC.to_le_bytes());
     b.extend(BOOT_INFO_VERSION.to_le_bytes());
@@ -139,7 +140,7 @@ pub fn boot_info(vcpus: u32, ram_size: u64, tsc_khz: u32, page_shift: u32, free:
     b.extend(ram_size.to_le_bytes());
     b.extend(u64::from(tsc_khz).to_le_bytes());
     b.extend((free.len() as u32).to_le_bytes());
-    b.extend(0u32.to_le_bytes());
+    b.extend(arg.to_le_bytes());
     for &(g, l) in free {
         b.extend(g.to_le_bytes());
         b.extend(l.to_le_bytes());
@@ -215,12 +216,13 @@ mod tests {
 
     #[test]
     fn boot_info_matches_the_abi() {
-        let b = boot_info(2, 64 << 20, 2_600_000, 21, &[(0x40_0000, 0x3c0_0000)]);
+        let b = boot_info(2, 64 << 20, 2_600_000, 21, &[(0x40_0000, 0x3c0_0000)], 9);
         assert_eq!(&b[0..4], b"MOSB");
         assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 2);
         assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 21);
         assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 64 << 20);
         assert_eq!(u32::from_le_bytes(b[32..36].try_into().unwrap()), 1);
+        assert_eq!(u32::from_le_bytes(b[36..40].try_into().unwrap()), 9, "--guest-arg");
         assert_eq!(u64::from_le_bytes(b[40..48].try_into().unwrap()), 0x40_0000);
         assert_eq!(b.len(), 56);
     }

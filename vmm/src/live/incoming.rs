@@ -1,0 +1,287 @@
+//! The new process's side of a live update: `mosaic run --incoming SOCKET` (an
+//! operator-started process) or `--incoming fd:N` (started by the old process).
+//!
+//! Everything sent is checked before it is used: the Hello's fds against its layout
+//! and each zone's backend, the state frame (magic, version, length, CRC) before any
+//! of it is restored, the state's layout and vCPU count against the Hello. A refusal
+//! is sent back as `Failed` (the old process resumes the guest) and this process
+//! exits with an error; nothing it built ever runs.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+
+use super::wire::{Channel, Message, MAX_MESSAGE};
+use super::{HandoverInfo, Hello, LiveError};
+use crate::devices::paravirt::VcpuPorts;
+use crate::devices::serial::{Serial, COM1_IRQ};
+use crate::devices::Devices;
+use crate::run::{monotonic_ns, Machine};
+use crate::state::format::{self, StateV2};
+use crate::vm::Vm;
+
+/// How long to wait for the Hello once connected.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the state, and then for the commit.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Test hook: the phase at which this process kills itself with SIGKILL (fault
+/// injection in the integration tests): `fds-received`, `state-half-read`,
+/// `restored`.
+pub const DIE_AT_ENV: &str = "MOSAIC_TEST_LIVE_UPDATE_DIE_AT";
+
+/// Where the old process reaches this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Listen on this Unix socket path for one connection.
+    Socket(PathBuf),
+    /// An inherited, connected socket (the old process started this one).
+    Fd(RawFd),
+}
+
+impl std::str::FromStr for Incoming {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("fd:") {
+            Some(n) => match n.parse::<RawFd>() {
+                Ok(fd) if fd > 2 => Ok(Incoming::Fd(fd)),
+                _ => Err(format!("'{s}' is not fd:N with N an inherited fd above 2")),
+            },
+            None if s.is_empty() => Err("the socket path is empty".into()),
+            None => Ok(Incoming::Socket(s.into())),
+        }
+    }
+}
+
+fn die_at(phase: &str) {
+    if std::env::var(DIE_AT_ENV).is_ok_and(|p| p == phase) {
+        eprintln!("mosaic: {DIE_AT_ENV}={phase}: killing this process");
+        // SAFETY: raising a signal has no memory-safety preconditions.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
+
+/// Connects the channel: accepts one connection on the socket (which is removed
+/// right after), or adopts the inherited fd.
+fn open(incoming: &Incoming) -> Result<Channel, LiveError> {
+    let start = |m: String| LiveError::Start(m);
+    match incoming {
+        Incoming::Socket(path) => {
+            if path.exists() {
+                return Err(start(format!("'{}' already exists", path.display())));
+            }
+            let l =
+                UnixListener::bind(path).map_err(|e| start(format!("cannot listen on '{}': {e}", path.display())))?;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            eprintln!("mosaic: waiting for a live update on {}", path.display());
+            let accepted = l.accept();
+            let _ = std::fs::remove_file(path);
+            let (s, _) = accepted.map_err(|e| start(format!("accept failed: {e}")))?;
+            Ok(Channel::new(s))
+        }
+        Incoming::Fd(fd) => {
+            // SAFETY: fstat only writes into the stat buffer; a bad fd fails cleanly.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let ok = unsafe { libc::fstat(*fd, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK;
+            if !ok {
+                return Err(start(format!("fd {fd} is not an inherited socket")));
+            }
+            // SAFETY: the fd is an open socket this process inherited for this purpose
+            // and nothing else in it owns.
+            let s = unsafe { UnixStream::from_raw_fd(*fd) };
+            // SAFETY: F_SETFD on an fd we now own.
+            unsafe { libc::fcntl(s.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+            Ok(Channel::new(s))
+        }
+    }
+}
+
+/// The fds of a Hello, sorted out.
+struct HelloFds {
+    zones: Vec<OwnedFd>,
+    console: Option<OwnedFd>,
+    api: Option<OwnedFd>,
+}
+
+fn check_hello(hello: &Hello, mut fds: Vec<OwnedFd>) -> Result<HelloFds, LiveError> {
+    let bad = |m: String| LiveError::Protocol(m);
+    if fds.len() != hello.fds.count() {
+        return Err(bad(format!("{} fds came with the Hello, it announces {}", fds.len(), hello.fds.count())));
+    }
+    if hello.fds.zones as usize != hello.layout.zones().len() {
+        return Err(bad(format!("{} zone fds for {} zones", hello.fds.zones, hello.layout.zones().len())));
+    }
+    if hello.vcpus == 0 || hello.vcpus > crate::boot::program::layout::MAX_VCPUS {
+        return Err(bad(format!("{} vCPUs is out of range", hello.vcpus)));
+    }
+    if hello.fds.api != hello.api_socket.is_some() {
+        return Err(bad("the API socket fd and its path do not match".into()));
+    }
+    let api = if hello.fds.api { fds.pop() } else { None };
+    let console = if hello.fds.console { fds.pop() } else { None };
+    Ok(HelloFds { zones: fds, console, api })
+}
+
+/// Builds the VM while the guest still runs in the old process.
+fn prepare(hello: &Hello, zones: Vec<OwnedFd>, console: Option<OwnedFd>) -> Result<Machine, LiveError> {
+    let err = |e: &dyn std::error::Error| LiveError::Restore(crate::error_chain(e));
+    let vm = Vm::adopt(hello.layout.clone(), zones).map_err(|e| err(&e))?;
+    if hello.pit {
+        vm.create_pit().map_err(|e| err(&e))?;
+    }
+    let serial = Serial::with_fd(console).map_err(|e| err(&e))?;
+    vm.fd().register_irqfd(serial.irq_evt(), COM1_IRQ).map_err(|e| err(&e))?;
+    let elapsed = Duration::from_nanos(monotonic_ns().saturating_sub(hello.start_monotonic_ns));
+    let start = Instant::now().checked_sub(elapsed).unwrap_or_else(Instant::now);
+    let devices = Arc::new(Devices::new(serial, start, hello.is_program));
+    let vcpus: Vec<VcpuFd> =
+        (0..hello.vcpus).map(|i| vm.create_vcpu(i, hello.vcpus)).collect::<Result<_, _>>().map_err(|e| err(&e))?;
+    Ok(Machine {
+        vm: Arc::new(vm),
+        devices,
+        vcpus: vcpus.into_iter().map(|v| Some((v, VcpuPorts::default()))).collect(),
+        guest: hello.guest.clone(),
+        is_program: hello.is_program,
+        kvm: Arc::new(kvm_ioctls::Kvm::new().map_err(|e| err(&e))?),
+        start,
+        start_ns: hello.start_monotonic_ns,
+    })
+}
+
+/// Puts `state` into the prepared machine. Everything is checked against the Hello
+/// first; parked vCPUs become `None`.
+fn restore(m: &mut Machine, hello: &Hello, mut state: StateV2) -> Result<(), LiveError> {
+    let err = |e: &dyn std::error::Error| LiveError::Restore(crate::error_chain(e));
+    if state.layout != hello.layout {
+        return Err(LiveError::Restore("the state's memory layout differs from the Hello's".into()));
+    }
+    if state.vcpus.len() != m.vcpus.len() {
+        return Err(LiveError::Restore(format!(
+            "the state holds {} vCPUs, the Hello announced {}",
+            state.vcpus.len(),
+            m.vcpus.len()
+        )));
+    }
+    crate::state::vm::restore(m.vm.fd(), &state.vm).map_err(|e| err(&e))?;
+    let now = monotonic_ns();
+    for (slot, entry) in m.vcpus.iter_mut().zip(state.vcpus.iter_mut()) {
+        let Some(kvm) = entry.kvm.as_mut() else {
+            *slot = None;
+            continue;
+        };
+        let Some((vcpu, ports)) = slot.as_mut() else { continue };
+        if entry.tsc_offset.is_none() {
+            // No TSC offset to restore: advance the TSC by the time since capture.
+            let khz = u64::from(kvm.tsc_khz.unwrap_or(0));
+            let ticks = now.saturating_sub(state.captured_ns).saturating_mul(khz) / 1_000_000;
+            for msr in kvm.msrs.iter_mut().filter(|m| m.index == crate::state::vcpu::MSR_IA32_TSC) {
+                msr.data = msr.data.wrapping_add(ticks);
+            }
+        }
+        crate::state::vcpu::restore(vcpu, kvm).map_err(|e| err(&e))?;
+        if let Some(off) = entry.tsc_offset {
+            crate::state::vcpu::set_tsc_offset(vcpu, off).map_err(|e| err(&e))?;
+        }
+        *ports = entry.ports.clone();
+    }
+    m.devices.restore(&state.devices);
+    m.vm.memory().restore_attrs(&state.attrs).map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// What an incoming process runs, once committed to.
+pub struct Adopted {
+    /// The restored machine.
+    pub machine: Machine,
+    /// The API socket handed over.
+    pub api: Option<crate::api::ApiSocket>,
+    /// Per-zone settings (JSON) for the API.
+    pub zones: serde_json::Value,
+    /// What else crossed.
+    pub info: HandoverInfo,
+    /// The channel, to confirm that the vCPUs run.
+    pub channel: Channel,
+}
+
+/// Receives a VM: Hello, prepare, state, restore, commit. On failure before the
+/// commit, the old process is told (Failed) and keeps the guest.
+pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
+    let mut ch = open(incoming)?;
+    let result = receive_on(&mut ch);
+    match result {
+        Ok((machine, hello, api)) => {
+            let zones = serde_json::from_str(&hello.info.zones_json).unwrap_or_default();
+            let api = match (hello.api_socket, api) {
+                (Some(path), Some(fd)) => Some(crate::api::ApiSocket::Inherited { path, fd }),
+                _ => None,
+            };
+            Ok(Adopted { machine, api, zones, info: hello.info, channel: ch })
+        }
+        Err(e) => {
+            ch.fail(&crate::error_chain(&e));
+            Err(e)
+        }
+    }
+}
+
+fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), LiveError> {
+    let set = |ch: &Channel, t| ch.set_timeout(t).map_err(|e| LiveError::Channel(e.to_string()));
+    set(ch, HELLO_TIMEOUT)?;
+    let (msg, fds) = ch.recv(None)?;
+    let hello = match msg {
+        Message::Hello(h) => *h,
+        m => return Err(LiveError::Protocol(format!("expected Hello, got {}", m.name()))),
+    };
+    die_at("fds-received");
+    let fds = check_hello(&hello, fds)?;
+    let mut machine = prepare(&hello, fds.zones, fds.console)?;
+    ch.send(&Message::Prepared { pid: std::process::id() }, &[])?;
+
+    set(ch, STEP_TIMEOUT)?;
+    let half = |_: usize, _: usize| die_at("state-half-read");
+    let (msg, _) = ch.recv(Some(&half))?;
+    let received_ns = monotonic_ns();
+    let frame = match msg {
+        Message::State(f) => f,
+        Message::Failed(r) => return Err(LiveError::Peer(r)),
+        m => return Err(LiveError::Protocol(format!("expected State, got {}", m.name()))),
+    };
+    let state = format::decode_state(&frame, MAX_MESSAGE).map_err(LiveError::Refused)?;
+    restore(&mut machine, &hello, state)?;
+    let restored_ns = monotonic_ns();
+    die_at("restored");
+    ch.send(&Message::Ready { received_ns, restored_ns }, &[])?;
+    let (msg, _) = ch.recv(None).map_err(|e| LiveError::Peer(format!("no commit ({e}); nothing ran here")))?;
+    match msg {
+        Message::Commit => Ok((machine, hello, fds.api)),
+        Message::Failed(r) => Err(LiveError::Peer(r)),
+        m => Err(LiveError::Protocol(format!("expected Commit, got {}", m.name()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incoming_names_parse() {
+        assert_eq!("fd:5".parse::<Incoming>(), Ok(Incoming::Fd(5)));
+        assert!("fd:1".parse::<Incoming>().is_err());
+        assert!("fd:x".parse::<Incoming>().is_err());
+        assert!("".parse::<Incoming>().is_err());
+        assert_eq!("/run/m.sock".parse::<Incoming>(), Ok(Incoming::Socket("/run/m.sock".into())));
+    }
+
+    #[test]
+    fn an_fd_that_is_not_a_socket_is_refused() {
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        let e = open(&Incoming::Fd(f.as_raw_fd())).unwrap_err();
+        assert!(e.to_string().contains("not an inherited socket"), "{e}");
+    }
+}

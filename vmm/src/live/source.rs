@@ -1,0 +1,201 @@
+//! The old process's side of a live update (see the module docs of `live`).
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::wire::{Channel, Message};
+use super::{FdLayout, Hello, Job, LiveError, Report, Target};
+use crate::run::monotonic_ns;
+use crate::state::format::{self, StateV2, VcpuEntry, FORMAT_VERSION};
+
+/// How long the new process may take to map memory and build its VM (the guest runs
+/// meanwhile): large memfd zones take a while to map in.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long any step may take while the guest is paused before the old process gives
+/// up and resumes it.
+pub const PAUSED_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the vCPUs may take to leave KVM_RUN.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The new process, killed and reaped unless the update commits.
+struct Peer {
+    child: Option<Child>,
+}
+
+impl Peer {
+    fn pid(&self, announced: u32) -> u32 {
+        self.child.as_ref().map_or(announced, Child::id)
+    }
+
+    fn committed(mut self) {
+        // The new process runs on; it is not ours to wait for.
+        self.child.take();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn connect(target: &Target) -> Result<(Channel, Peer), LiveError> {
+    match target {
+        Target::Incoming(path) => {
+            let s = UnixStream::connect(path)
+                .map_err(|e| LiveError::Start(format!("cannot connect to '{}': {e}", path.display())))?;
+            Ok((Channel::new(s), Peer { child: None }))
+        }
+        Target::Binary(bin) => {
+            let (mine, theirs) =
+                UnixStream::pair().map_err(|e| LiveError::Start(format!("cannot make a socket pair: {e}")))?;
+            // The child inherits its end (the only fd without CLOEXEC we make).
+            // SAFETY: F_SETFD on an fd we own, clearing FD_CLOEXEC.
+            if unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+                return Err(LiveError::Start(format!("fcntl: {}", std::io::Error::last_os_error())));
+            }
+            let child = Command::new(bin)
+                .arg("run")
+                .arg("--incoming")
+                .arg(format!("fd:{}", theirs.as_raw_fd()))
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| LiveError::Start(format!("cannot run '{}': {e}", bin.display())))?;
+            drop(theirs);
+            Ok((Channel::new(mine), Peer { child: Some(child) }))
+        }
+    }
+}
+
+/// Receives the next message, which must be `want` (by name); a `Failed` message
+/// becomes [`LiveError::Peer`].
+fn expect(ch: &mut Channel, want: &'static str) -> Result<Message, LiveError> {
+    let (m, _) = ch.recv(None)?;
+    match m {
+        Message::Failed(reason) => Err(LiveError::Peer(reason)),
+        m if m.name() == want => Ok(m),
+        m => Err(LiveError::Protocol(format!("expected {want}, got {}", m.name()))),
+    }
+}
+
+/// Runs a live update; on any failure before the commit the guest runs on here.
+pub fn update(job: &Job) -> Result<Report, LiveError> {
+    let src = &*job.source;
+    src.can_hand_over().map_err(LiveError::NotHandable)?;
+    let t_start = monotonic_ns();
+    let mem = src.vm.memory();
+    let zone_fds: Vec<OwnedFd> = (0..mem.layout().zones().len())
+        .map(|z| {
+            mem.zone_fd(z)
+                .and_then(|f| f.try_clone_to_owned().ok())
+                .ok_or_else(|| LiveError::NotHandable(format!("memory zone {z} has no fd")))
+        })
+        .collect::<Result<_, _>>()?;
+    let console = src.devices.serial_fd();
+    let mut fds: Vec<RawFd> = zone_fds.iter().map(AsRawFd::as_raw_fd).collect();
+    fds.extend(console.iter().map(AsRawFd::as_raw_fd));
+    fds.push(job.api.1.as_raw_fd());
+    let hello = Hello {
+        layout: mem.layout().clone(),
+        vcpus: src.ctl.vcpus(),
+        guest: src.guest.clone(),
+        is_program: src.is_program,
+        pit: src.vm.fd().get_pit2().is_ok(),
+        api_socket: Some(job.api.0.clone()),
+        start_monotonic_ns: src.start_ns,
+        info: src.info.clone(),
+        fds: FdLayout { zones: zone_fds.len() as u32, console: console.is_some(), api: true },
+    };
+
+    let (mut ch, peer) = connect(&job.target)?;
+    ch.set_timeout(PREPARE_TIMEOUT).map_err(|e| LiveError::Channel(e.to_string()))?;
+    ch.send(&Message::Hello(Box::new(hello)), &fds)?;
+    drop((zone_fds, console));
+    let announced = match expect(&mut ch, "Prepared")? {
+        Message::Prepared { pid } => pid,
+        _ => 0,
+    };
+    let pid = peer.pid(announced);
+    ch.set_timeout(PAUSED_STEP_TIMEOUT).map_err(|e| LiveError::Channel(e.to_string()))?;
+
+    // The guest stops here.
+    let t_pause = monotonic_ns();
+    let kick = || crate::vm::vcpu::kick_threads(&job.threads);
+    let Some(captures) = src.ctl.pause_and_capture(kick, PAUSE_TIMEOUT) else {
+        src.ctl.resume();
+        return Err(LiveError::Pause);
+    };
+    let paused = (|| -> Result<(u64, u64, usize, u64, u64), LiveError> {
+        let t_paused = captures.iter().flatten().map(|c| c.left_run_ns).max().unwrap_or(t_pause).max(t_pause);
+        let mut vcpus = Vec::with_capacity(captures.len());
+        for c in captures {
+            vcpus.push(match c {
+                None => VcpuEntry { kvm: None, ports: Default::default(), tsc_offset: None },
+                Some(c) => c.state.map_err(LiveError::Capture)?,
+            });
+        }
+        let vm = crate::state::vm::capture(src.vm.fd()).map_err(|e| LiveError::Capture(crate::error_chain(&e)))?;
+        let state = StateV2 {
+            layout: mem.layout().clone(),
+            attrs: mem.attr_state(),
+            vcpus,
+            vm,
+            devices: src.devices.save(src.start_ns),
+            captured_ns: monotonic_ns(),
+        };
+        let frame = format::encode(FORMAT_VERSION, &state).map_err(LiveError::Refused)?;
+        let t_saved = monotonic_ns();
+        let state_bytes = frame.len();
+        ch.send(&Message::State(frame), &[])?;
+        let (received_ns, restored_ns) = match expect(&mut ch, "Ready")? {
+            Message::Ready { received_ns, restored_ns } => (received_ns, restored_ns),
+            _ => (t_saved, t_saved),
+        };
+        Ok((t_paused, t_saved, state_bytes, received_ns, restored_ns))
+    })();
+    let (t_paused, t_saved, state_bytes, received_ns, restored_ns) = match paused {
+        Ok(v) => v,
+        Err(e) => {
+            ch.fail(&e.to_string());
+            drop(peer);
+            src.ctl.resume();
+            return Err(e);
+        }
+    };
+
+    // The commit point: from here on this process never runs the guest again.
+    job.state.handed_over.store(true, Ordering::SeqCst);
+    let committed = ch.send(&Message::Commit, &[]);
+    peer.committed();
+    job.state.new_pid.store(pid, Ordering::SeqCst);
+    let running = committed.and_then(|()| expect(&mut ch, "Running"));
+    let running_ns = match running {
+        Ok(Message::Running { running_ns }) => running_ns,
+        Ok(_) => monotonic_ns(),
+        Err(e) => {
+            return Err(LiveError::Peer(format!(
+                "process {pid} was committed to but did not confirm that the guest runs ({e}); this process has \
+                 let go of the guest"
+            )))
+        }
+    };
+    let us = |a: u64, b: u64| b.saturating_sub(a) / 1000;
+    Ok(Report {
+        pid,
+        downtime_us: us(t_pause, running_ns),
+        prepare_us: us(t_start, t_pause),
+        pause_us: us(t_pause, t_paused),
+        save_us: us(t_paused, t_saved),
+        transfer_us: us(t_saved, received_ns),
+        restore_us: us(received_ns, restored_ns),
+        resume_us: us(restored_ns, running_ns),
+        state_bytes,
+        generation: src.devices.guest_ports().generation() + 1,
+    })
+}
