@@ -18,6 +18,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("convert", &["crt0.S", "rt.c", "convert.c"]),
     ("convstress", &["crt0.S", "rt.c", "convstress.c"]),
     ("convbench", &["crt0.S", "rt.c", "convbench.c"]),
+    ("heartbeat", &["crt0.S", "rt.c", "heartbeat.c"]),
     ("probe", &["probe.S"]),
 ];
 

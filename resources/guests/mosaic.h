@@ -21,6 +21,7 @@
 #define PORT_EXIT            0x500
 #define PORT_BOOT_MARKER     0x501
 #define PORT_PARK            0x502
+#define PORT_GENERATION      0x503 /* in32: live updates gone through (0 at first boot) */
 
 #define PAGE_SIZE            4096ull
 #define IMAGE_BASE           0x200000ull
@@ -68,7 +69,7 @@ struct boot_info {
     uint64_t total_ram;     /* 16: bytes */
     uint64_t tsc_khz;       /* 24: 0 if unknown */
     uint32_t nr_free;       /* 32: at most MOSAIC_MAX_FREE */
-    uint32_t reserved;      /* 36: 0 */
+    uint32_t arg;           /* 36: the value of `mosaic run --guest-arg N` (0 if not given) */
     struct free_range free[MOSAIC_MAX_FREE]; /* 40: ascending */
 };
 
@@ -77,6 +78,7 @@ _Static_assert(offsetof(struct boot_info, page_shift) == 12, "boot_info layout")
 _Static_assert(offsetof(struct boot_info, total_ram) == 16, "boot_info layout");
 _Static_assert(offsetof(struct boot_info, tsc_khz) == 24, "boot_info layout");
 _Static_assert(offsetof(struct boot_info, nr_free) == 32, "boot_info layout");
+_Static_assert(offsetof(struct boot_info, arg) == 36, "boot_info layout");
 _Static_assert(offsetof(struct boot_info, free) == 40, "boot_info layout");
 _Static_assert(sizeof(struct boot_info) == 40 + 16 * MOSAIC_MAX_FREE, "boot_info size");
 
@@ -143,7 +145,7 @@ static inline void compiler_barrier(void)
     __asm__ volatile("" : : : "memory");
 }
 
-/* ---- Run control (ports 0x500-0x502) ---------------------------------------- */
+/* ---- Run control (ports 0x500-0x503) ---------------------------------------- */
 
 /* Ends the whole run; the low 8 bits of `code` are `mosaic run`'s exit code. */
 __attribute__((noreturn)) void guest_exit(uint32_t code);
@@ -153,6 +155,12 @@ __attribute__((noreturn)) void guest_park(void);
 static inline void boot_marker(void)
 {
     outb(PORT_BOOT_MARKER, 0);
+}
+/* Live updates (handovers to a new Mosaic process) this guest has gone through, low
+ * 32 bits; 0 at first boot. One VMM exit; a live update's pause may fall inside it. */
+static inline uint32_t live_generation(void)
+{
+    return inl(PORT_GENERATION);
 }
 
 /* ---- Serial console (COM1) -------------------------------------------------- */

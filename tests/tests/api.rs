@@ -94,7 +94,19 @@ fn misuse_gets_4xx_and_the_vm_runs_on() {
         (b"PUT /api/v1/vm/pause HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n", false, 413, "too large"),
         (b"PUT /api/v1/vm/pause HTTP/1.1\r\nContent-Length: 5\r\n\r\n[1,2]", false, 400, "JSON object"),
         (b"PUT /api/v1/vm/pause HTTP/1.1\r\nContent-Length: 12\r\n\r\n{\"now\":true}", false, 400, "no fields"),
-        (b"PUT /api/v1/vm/live-update HTTP/1.1\r\n\r\n", false, 501, "not available"),
+        (b"PUT /api/v1/vm/live-update HTTP/1.1\r\nContent-Length: 12\r\n\r\n{\"colour\":1}", false, 400, "unknown field"),
+        (
+            b"PUT /api/v1/vm/live-update HTTP/1.1\r\nContent-Length: 25\r\n\r\n{\"binary\":\"/nonexistent\"}",
+            false,
+            400,
+            "not a file",
+        ),
+        (
+            b"PUT /api/v1/vm/live-update HTTP/1.1\r\nContent-Length: 36\r\n\r\n{\"binary\":\"/bin/sh\",\"incoming\":\"/x\"}",
+            false,
+            400,
+            "not both",
+        ),
         (b"GET /api/v1/vm HTTP/1.1\r\nHost: x\r\n", true, 400, "closed"),
         (b"PUT /api/v1/vm/shutdown HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", true, 400, "closed"),
     ];

@@ -13,6 +13,7 @@
 //! | `convbench` | conversion round trips through the port for 4K, 2M and 1G requests, ZERO and PRESERVE, and a bare port exit, timed with rdtsc | `convbench: exit <ns> ns`, `convbench: <4K\|2M\|1G> <zero\|preserve> <n> ops <ns> ns/op`, `convbench: ok` | 0 ok, 1 a conversion failed |
 //! | `convstress` | 10,000 random single-page conversions (random target and ZERO/PRESERVE mode, each checked), then everything back to shared and the memtest pattern over all free RAM | `convstress: conversions <n> zero-checks <n> preserve-checks <n> mismatches <n>`, `convstress: memtest bytes <n> checksum 0x<16 hex> mismatches <n>`, `convstress: ok` | 0 ok, 1 otherwise |
 //! | `convert` | private memory (run with `--memory size=...,private=on`): vCPU 0 walks one page through the conversion port and the test DMA device (docs/PRIVATE-MEMORY.md), then with 2+ vCPUs all convert and DMA neighbouring pages at once against a shadow | see below | 0 ok, 1 a failed step, a mismatch or bad layout |
+//! | `heartbeat` | for live-update tests: every vCPU rewrites its share of the free pages cyclically (a pass number, a pass-keyed pattern and a checksum per page) and times the gaps between page writes; vCPU 0 polls the generation port (0x503) every 1 ms and reports each live update's pause and its page rate in the 100 ms after against the 100 ms before; runs until generation `--guest-arg N` (N > 0) or 1 s, then verifies every page | see below | 0 ok, 1 mismatch or bad layout |
 //! | `probe` | for `host-check`: boot marker, 200000-iteration ALU loop, exit 0; CPL0- or CPL3-safe (only mov/add/xor/dec/jnz/out, no stack) | none | 0 |
 //!
 //! `memtest` output (vCPU 0, after all vCPUs are done):
@@ -69,9 +70,30 @@
 //! with a mismatch adds `convert: vcpu <i> first mismatch: <what> at 0x<gpa> expected
 //! 0x<hex> got 0x<hex>` after the `vcpus` line. Without `private=on` step 2 fails.
 //! Bad layout: `convert: bad layout: <reason>` and `convert: FAIL`.
+//!
+//! `heartbeat` output (vCPU 0; page format, windows and end rules in
+//! `resources/guests/heartbeat.c`):
+//! ```text
+//! heartbeat: update <gen> gap <cycles> cycles <us> us after <pages> pages before <pages> pages
+//! heartbeat: vcpus <n> bytes <dec> passes <dec> updates <dec>
+//! heartbeat: max gap <cycles> cycles <us> us
+//! heartbeat: ok                                  or: heartbeat: FAIL
+//! ```
+//! One `update` line per generation value read on port 0x503, printed 100 ms after the
+//! update was seen: `gap` is the longest time between two of vCPU 0's page writes
+//! since its previous generation read (the update's pause), `after`/`before` vCPU 0's
+//! pages written in the 100 ms after it and in the last 100 ms window before it (us are
+//! 0 if tsc_khz is 0). The run ends once the generation read is at least `--guest-arg
+//! N` and its line is out, or with N = 0 after 1 s (every vCPU finishes at least one
+//! full pass first). `passes` sums the vCPUs' completed passes, `updates` is the last
+//! generation read, `max gap` the longest gap on any vCPU. A bad page adds `heartbeat:
+//! vcpu <i> first mismatch at 0x<hex> read 0x<16 hex> expected 0x<16 hex>` before
+//! `FAIL`; a bad layout prints only `heartbeat: bad layout: <reason>` and `heartbeat:
+//! FAIL`.
 
 /// Names of the built-in guest programs, as accepted by [`builtin`].
-pub const NAMES: &[&str] = &["hello", "memtest", "fault", "memlat", "convert", "convstress", "convbench", "probe"];
+pub const NAMES: &[&str] =
+    &["hello", "memtest", "fault", "memlat", "convert", "convstress", "convbench", "heartbeat", "probe"];
 
 static HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 static MEMTEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.elf"));
@@ -80,6 +102,7 @@ static MEMLAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memlat.elf"));
 static CONVERT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convert.elf"));
 static CONVSTRESS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convstress.elf"));
 static CONVBENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convbench.elf"));
+static HEARTBEAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.elf"));
 static PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
 
 /// Returns the ELF image of the built-in guest program `name` (one of [`NAMES`]),
@@ -93,6 +116,7 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
         "convert" => Some(CONVERT),
         "convstress" => Some(CONVSTRESS),
         "convbench" => Some(CONVBENCH),
+        "heartbeat" => Some(HEARTBEAT),
         "probe" => Some(PROBE),
         _ => None,
     }

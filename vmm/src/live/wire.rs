@@ -91,6 +91,11 @@ impl Channel {
         Channel { sock }
     }
 
+    /// The socket (tests send raw bytes through it).
+    pub fn raw(&self) -> &UnixStream {
+        &self.sock
+    }
+
     /// Sets the timeout of every following receive.
     pub fn set_timeout(&self, t: Duration) -> io::Result<()> {
         self.sock.set_read_timeout(Some(t))?;
@@ -197,7 +202,8 @@ mod tests {
         assert_eq!(fds.len(), 1);
         // SAFETY: F_GETFD on an fd we own.
         assert_ne!(unsafe { libc::fcntl(fds[0].as_raw_fd(), libc::F_GETFD) } & libc::FD_CLOEXEC, 0);
-        a.send(&Message::State(vec![7; 300_000]), &[]).unwrap_or_else(|_| panic!());
+        // Bigger than the socket buffer: sent from another thread.
+        let sender = std::thread::spawn(move || a.send(&Message::State(vec![7; 300_000]), &[]).is_ok());
         let halves = std::cell::Cell::new(0);
         let hook = |read: usize, total: usize| {
             assert!(read < total);
@@ -207,6 +213,7 @@ mod tests {
         assert!(matches!(m, Message::State(ref v) if v.len() == 300_000));
         assert!(fds.is_empty());
         assert_eq!(halves.get(), 1);
+        assert!(sender.join().unwrap());
     }
 
     #[test]
@@ -218,7 +225,7 @@ mod tests {
         let mut raw = a.try_clone().unwrap();
         raw.write_all(b"GET / HTTP/1.1\r\n\r\nxxxx").unwrap();
         let e = b.recv(None).unwrap_err();
-        assert!(matches!(e, LiveError::Refused(format::FormatError::BadMagic { .. })), "{e}");
+        assert!(matches!(e, LiveError::Refused(crate::state::FormatError::BadMagic { .. })), "{e}");
         drop((a, raw));
         assert!(matches!(b.recv(None), Err(LiveError::Closed)));
     }

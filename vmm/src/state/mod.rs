@@ -217,18 +217,38 @@ mod tests {
         }
 
         let (layout, attrs) = layout_and_attrs();
-        let state =
-            StateV1 { layout: layout.clone(), attrs: attrs.clone(), vcpus: vec![cap_a.clone()], vm: vm_state_a };
+        let entry = format::VcpuEntry {
+            kvm: Some(cap_a.clone()),
+            ports: Default::default(),
+            tsc_offset: vcpu::tsc_offset(&vcpu_a),
+        };
+        let state = format::StateV2 {
+            layout: layout.clone(),
+            attrs: attrs.clone(),
+            vcpus: vec![entry.clone()],
+            vm: vm_state_a.clone(),
+            devices: Default::default(),
+            captured_ns: 1,
+        };
         let bytes = encode(FORMAT_VERSION, &state).unwrap();
-        eprintln!("StateV1 frame with one vCPU: {} bytes", bytes.len());
+        let v1 = StateV1 { layout: layout.clone(), attrs: attrs.clone(), vcpus: vec![cap_a.clone()], vm: vm_state_a };
+        let v1_bytes = encode(1, &v1).unwrap();
+        eprintln!("state frame with one vCPU: {} bytes (version 1, JSON: {} bytes)", bytes.len(), v1_bytes.len());
+        assert!(bytes.len() * 2 < v1_bytes.len(), "the binary encoding is not smaller");
+        // A newer build reads the previous version's state.
+        let old = format::decode_state(&v1_bytes, 16 << 20).unwrap();
+        assert_eq!(old.vcpus[0].kvm.as_ref(), Some(&cap_a));
+        assert_eq!(old.layout, layout);
         let back = format::decode_state(&bytes, 16 << 20).unwrap();
         assert_eq!(back.layout, layout);
         assert_eq!(back.attrs, attrs);
-        assert_eq!(back.vcpus, vec![cap_a.clone()]);
+        assert_eq!(back.vcpus, vec![entry]);
+        assert_eq!(back.captured_ns, 1);
 
         let (vm_b, vcpu_b) = vm_with_vcpu(&kvm, true);
         vm::restore(&vm_b, &back.vm).unwrap();
-        vcpu::restore_all(std::slice::from_ref(&vcpu_b), &back.vcpus).unwrap();
+        let kvm_states: Vec<VcpuState> = back.vcpus.iter().filter_map(|v| v.kvm.clone()).collect();
+        vcpu::restore_all(std::slice::from_ref(&vcpu_b), &kvm_states).unwrap();
         let cap_b = vcpu::capture(&vcpu_b, &kvm).unwrap();
         let vm_state_b = vm::capture(&vm_b).unwrap();
 
