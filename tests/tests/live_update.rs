@@ -287,7 +287,8 @@ fn send_state(tag: &str, state: Option<Vec<u8>>, garbage_hello: bool) -> (Option
         let frame = vmm::live::wire::MESSAGES.seal(99, b"whatever");
         ch.raw().try_clone().unwrap().write_all(&frame).unwrap();
     } else {
-        let zone = guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
+        let zone =
+            guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
         let layout = guest_mem::MemoryLayout::place(vec![zone]).unwrap();
         let fd = memfd(64 << 20);
         ch.send(&Message::Hello(Box::new(hello(layout))), &[fd.as_raw_fd()]).unwrap();
@@ -305,7 +306,8 @@ fn send_state(tag: &str, state: Option<Vec<u8>>, garbage_hello: bool) -> (Option
 #[test]
 fn corrupt_truncated_and_wrong_version_state_is_refused() {
     use vmm::state::format::{encode, StateV2, FORMAT_VERSION};
-    let zone = guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
+    let zone =
+        guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
     let layout = guest_mem::MemoryLayout::place(vec![zone]).unwrap();
     let ram: Vec<(u64, u64)> = layout.regions().iter().map(|r| (r.gpa, r.size)).collect();
     let attrs = guest_mem::Attributes::new(&ram, guest_mem::PageState::Shared).to_state();
@@ -372,7 +374,8 @@ fn a_second_update_while_one_runs_and_an_update_while_paused_get_409() {
     let listener = UnixListener::bind(&fake).unwrap();
     let sock = vm.sock.clone();
     let body = serde_json::json!({ "incoming": fake }).to_string();
-    let first = std::thread::spawn(move || vmm::api::client::request(&sock, "PUT", "/api/v1/vm/live-update", Some(&body)));
+    let first =
+        std::thread::spawn(move || vmm::api::client::request(&sock, "PUT", "/api/v1/vm/live-update", Some(&body)));
     let (conn, _) = listener.accept().unwrap();
     let (status, r) = vm.live_update(None);
     assert_eq!(status, 409, "{r}");

@@ -31,6 +31,15 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 /// Most fds one message may carry (zones, console, API socket).
 pub const MAX_FDS: usize = 64;
 
+/// Sorts a socket error: the peer gone (EOF, reset, broken pipe), a timeout, or else.
+fn io_error(e: io::Error) -> LiveError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => LiveError::Closed,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LiveError::Timeout,
+        _ => LiveError::Channel(e.to_string()),
+    }
+}
+
 /// What the two processes say to each other, in order (old → new unless noted).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Message {
@@ -128,11 +137,7 @@ impl Channel {
         frame.extend_from_slice(&header);
         frame.resize(total, 0);
         let half = total / 2;
-        let io_err = |e: io::Error| match e.kind() {
-            io::ErrorKind::UnexpectedEof => LiveError::Closed,
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LiveError::Timeout,
-            _ => LiveError::Channel(e.to_string()),
-        };
+        let io_err = io_error;
         if let (Some(hook), true) = (partial, half > HEADER_LEN) {
             self.sock.read_exact(&mut frame[HEADER_LEN..half]).map_err(io_err)?;
             hook(half, total);
@@ -162,8 +167,7 @@ impl Channel {
             let (n, nfds) = match r {
                 Ok(v) => v,
                 Err(e) if e.errno() == libc::EINTR => continue,
-                Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::ETIMEDOUT => return Err(LiveError::Timeout),
-                Err(e) => return Err(LiveError::Channel(format!("receiving: {e}"))),
+                Err(e) => return Err(io_error(io::Error::from_raw_os_error(e.errno()))),
             };
             for &fd in raw.iter().take(nfds) {
                 // SAFETY: recvmsg gave us these fds; nothing else owns them.
