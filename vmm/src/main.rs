@@ -288,18 +288,12 @@ fn cmd_incoming(spec: &str, stats_override: Option<PathBuf>) -> ExitCode {
     let vmm::live::incoming::Adopted { machine, api, zones, info, channel } = adopted;
     let reservations: Vec<_> = info.pool_grants.iter().map(|g| vmm::preflight::PoolReservation::adopt(*g)).collect();
     let stats_json = stats_override.or_else(|| info.stats_json.clone());
-    let mut channel = Some(channel);
     let opts = run::DriveOptions {
         deadline: None,
         api,
         zones,
         handover: vmm::live::HandoverInfo { stats_json: stats_json.clone(), ..info },
-        on_running: Some(Box::new(move || {
-            if let Some(mut ch) = channel.take() {
-                let running_ns = run::monotonic_ns();
-                let _ = ch.send(&vmm::live::wire::Message::Running { running_ns }, &[]);
-            }
-        })),
+        gate: Some(Box::new(vmm::live::incoming::CommitGate::new(channel))),
     };
     eprintln!("mosaic: live update: running guest {} (pid {})", machine.guest, std::process::id());
     finish_run(run::drive(machine, opts), stats_json.as_deref(), reservations)

@@ -142,13 +142,14 @@ fn prepare(hello: &Hello, zones: Vec<OwnedFd>, console: Option<OwnedFd>) -> Resu
     let devices = Arc::new(Devices::new(serial, start, hello.is_program));
     let vcpus: Vec<VcpuFd> =
         (0..hello.vcpus).map(|i| vm.create_vcpu(i, hello.vcpus)).collect::<Result<_, _>>().map_err(|e| err(&e))?;
+    let caps = Arc::new(crate::state::vcpu::CaptureCaps::new(vm.kvm()).map_err(|e| err(&e))?);
     Ok(Machine {
         vm: Arc::new(vm),
         devices,
         vcpus: vcpus.into_iter().map(|v| Some((v, VcpuPorts::default()))).collect(),
         guest: hello.guest.clone(),
         is_program: hello.is_program,
-        kvm: Arc::new(kvm_ioctls::Kvm::new().map_err(|e| err(&e))?),
+        caps,
         start,
         start_ns: hello.start_monotonic_ns,
     })
@@ -205,12 +206,13 @@ pub struct Adopted {
     pub zones: serde_json::Value,
     /// What else crossed.
     pub info: HandoverInfo,
-    /// The channel, to confirm that the vCPUs run.
+    /// The channel, to await the commit and confirm that the vCPUs run.
     pub channel: Channel,
 }
 
-/// Receives a VM: Hello, prepare, state, restore, commit. On failure before the
-/// commit, the old process is told (Failed) and keeps the guest.
+/// Receives a VM: Hello, prepare, state, restore, Ready; the commit is awaited by the
+/// [`CommitGate`] once the vCPU threads are started. On failure, the old process is
+/// told (Failed) and keeps the guest.
 pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
     let mut ch = open(incoming)?;
     let result = receive_on(&mut ch);
@@ -257,11 +259,35 @@ fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), Liv
     let restored_ns = monotonic_ns();
     die_at("restored");
     ch.send(&Message::Ready { received_ns, restored_ns }, &[])?;
-    let (msg, _) = ch.recv(None).map_err(|e| LiveError::Peer(format!("no commit ({e}); nothing ran here")))?;
-    match msg {
-        Message::Commit => Ok((machine, hello, fds.api)),
-        Message::Failed(r) => Err(LiveError::Peer(r)),
-        m => Err(LiveError::Protocol(format!("expected Commit, got {}", m.name()))),
+    Ok((machine, hello, fds.api))
+}
+
+/// The commit, as the gate the new process's vCPU threads wait at: they are started
+/// (and the API socket is set up) while the old process decides.
+pub struct CommitGate {
+    channel: Channel,
+}
+
+impl CommitGate {
+    /// A gate on the channel the Ready went out on.
+    pub fn new(channel: Channel) -> Self {
+        CommitGate { channel }
+    }
+}
+
+impl crate::run::StartGate for CommitGate {
+    fn wait_open(&mut self) -> Result<(), String> {
+        let no = |why: String| format!("live update: no commit from the old process ({why}); nothing ran here");
+        match self.channel.recv(None) {
+            Ok((Message::Commit, _)) => Ok(()),
+            Ok((Message::Failed(r), _)) => Err(no(r)),
+            Ok((m, _)) => Err(no(format!("got {}", m.name()))),
+            Err(e) => Err(no(e.to_string())),
+        }
+    }
+
+    fn running(&mut self, running_ns: u64) {
+        let _ = self.channel.send(&Message::Running { running_ns }, &[]);
     }
 }
 

@@ -63,7 +63,7 @@ pub enum Message {
     Commit,
     /// new → old: the vCPUs run.
     Running {
-        /// CLOCK_MONOTONIC (ns) when the first vCPU thread was started.
+        /// CLOCK_MONOTONIC (ns) when the first vCPU thread was about to enter KVM_RUN.
         running_ns: u64,
     },
     /// Either way: this side gives up, and why.

@@ -19,7 +19,7 @@ use crate::devices::{Devices, SerialError};
 use crate::kvm::stats::StatsFd;
 use crate::vm::control::{Outcome, RunControl};
 use crate::vm::{vcpu, Vm, VmError};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use report::{ReportInputs, RunReport};
 
 /// Errors that stop a run before the guest could decide its outcome.
@@ -43,6 +43,9 @@ pub enum RunError {
     /// The initial private state could not be applied.
     #[error("cannot make private=on memory private")]
     Private(#[from] guest_mem::attrs::AttrError),
+    /// KVM's MSR list or capabilities could not be read.
+    #[error("cannot read what KVM saves per vCPU")]
+    Caps(#[source] crate::state::StateError),
     /// The API socket could not be set up.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
@@ -76,8 +79,8 @@ pub struct Machine {
     pub guest: String,
     /// A guest program (as opposed to Linux).
     pub is_program: bool,
-    /// KVM handle for vCPU state captures.
-    pub kvm: Arc<Kvm>,
+    /// What vCPU state captures ask KVM, asked once.
+    pub caps: Arc<crate::state::vcpu::CaptureCaps>,
     /// When the guest's first process started (uptime and boot-marker times count from it).
     pub start: Instant,
     /// The same, as CLOCK_MONOTONIC ns.
@@ -94,8 +97,17 @@ pub struct DriveOptions {
     pub zones: serde_json::Value,
     /// What a live update hands the next process besides the state.
     pub handover: crate::live::HandoverInfo,
-    /// Called once the vCPU threads run (a live update's new process confirms here).
-    pub on_running: Option<Box<dyn FnOnce()>>,
+    /// Holds the vCPU threads (started and waiting) until it opens: a live update's
+    /// new process starts everything, then waits for the old process's commit.
+    pub gate: Option<Box<dyn StartGate>>,
+}
+
+/// What the vCPUs wait for before they first run.
+pub trait StartGate {
+    /// Blocks until the vCPUs may run; `Err` ends the run before any guest code runs.
+    fn wait_open(&mut self) -> Result<(), String>;
+    /// The first vCPU is about to enter KVM_RUN, at `ns` (CLOCK_MONOTONIC).
+    fn running(&mut self, ns: u64);
 }
 
 /// Builds the VM of `plan` and loads its guest.
@@ -129,6 +141,7 @@ pub fn build(plan: &RunPlan, start: Instant, start_ns: u64) -> Result<Machine, R
             cfg.kernel.display().to_string()
         }
     };
+    let caps = Arc::new(crate::state::vcpu::CaptureCaps::new(vm.kvm()).map_err(RunError::Caps)?);
     // private=on zones: everything the guest owns (from 2 MiB on; the system area below
     // stays shared) becomes private now that the VMM has loaded what it loads.
     for r in mem.regions() {
@@ -144,7 +157,7 @@ pub fn build(plan: &RunPlan, start: Instant, start_ns: u64) -> Result<Machine, R
         vcpus: vcpus.into_iter().map(|v| Some((v, VcpuPorts::default()))).collect(),
         guest,
         is_program,
-        kvm: Arc::new(Kvm::new().map_err(|e| RunError::Vm(VmError::OpenKvm(e)))?),
+        caps,
         start,
         start_ns,
     })
@@ -168,7 +181,7 @@ pub fn execute(
             pool_grants: plan.pool_grants.clone(),
             zones_json: String::new(),
         },
-        on_running: None,
+        gate: None,
     };
     drive(machine, opts)
 }
@@ -176,7 +189,7 @@ pub fn execute(
 /// Runs a machine to the end: starts its vCPU threads, serves the API socket, waits
 /// for the outcome, stops everything and reports.
 pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunError> {
-    let Machine { vm, devices, vcpus, guest, is_program, kvm, start, start_ns } = machine;
+    let Machine { vm, devices, vcpus, guest, is_program, caps, start, start_ns } = machine;
     let n = vcpus.len() as u32;
     let mem = vm.memory().clone();
     let vm_stats = StatsFd::open(vm.fd()).ok().map(Arc::new);
@@ -208,7 +221,10 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
         )?),
         None => None,
     };
-    let shared = vcpu::VcpuShared { devices: devices.clone(), mem: mem.clone(), ctl: ctl.clone(), kvm };
+    if opts.gate.is_some() {
+        ctl.hold();
+    }
+    let shared = vcpu::VcpuShared { devices: devices.clone(), mem: mem.clone(), ctl: ctl.clone(), caps };
     let mut handles = Vec::with_capacity(vcpus.len());
     for (i, v) in vcpus.into_iter().enumerate() {
         let Some((v, ports)) = v else {
@@ -223,8 +239,14 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
             }
         }
     }
-    if let Some(f) = opts.on_running.take() {
-        f();
+    if let Some(mut gate) = opts.gate.take() {
+        match gate.wait_open() {
+            Ok(()) => {
+                ctl.resume();
+                gate.running(ctl.wait_first_run(Duration::from_secs(1)));
+            }
+            Err(message) => ctl.finish(Outcome::Error { vcpu: 0, message }),
+        }
     }
     if let Some(api) = api.as_mut() {
         use std::os::unix::thread::JoinHandleExt;

@@ -302,23 +302,48 @@ fn write_msrs(vcpu: &VcpuFd, entries: &[MsrEntry]) -> Result<(), StateError> {
     Ok(())
 }
 
+/// What a capture asks KVM once per process rather than once per vCPU: the MSR index
+/// list and the XSAVE/XCRS capabilities (live update captures within the pause).
+#[derive(Debug, Clone)]
+pub struct CaptureCaps {
+    msr_index_list: Vec<u32>,
+    xsave: bool,
+    xcrs: bool,
+}
+
+impl CaptureCaps {
+    /// Asks `kvm`.
+    pub fn new(kvm: &Kvm) -> Result<Self, StateError> {
+        let list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        Ok(CaptureCaps {
+            msr_index_list: list.as_slice().to_vec(),
+            xsave: kvm.check_extension(Cap::Xsave),
+            xcrs: kvm.check_extension(Cap::Xcrs),
+        })
+    }
+}
+
 /// Captures the state of `vcpu`, which must not be running (its thread is outside
 /// KVM_RUN, e.g. paused). `kvm` supplies the MSR index list and capabilities.
 pub fn capture(vcpu: &VcpuFd, kvm: &Kvm) -> Result<VcpuState, StateError> {
+    capture_with(vcpu, &CaptureCaps::new(kvm)?)
+}
+
+/// [`capture`] with the capabilities asked beforehand.
+pub fn capture_with(vcpu: &VcpuFd, caps: &CaptureCaps) -> Result<VcpuState, StateError> {
     // First: may change vCPU/LAPIC state (see the module docs).
     let mp_state = vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let fpu = FpuState::from(&vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?);
-    let xsave = if kvm.check_extension(Cap::Xsave) {
+    let xsave = if caps.xsave {
         // KVM_GET_XSAVE refuses (EINVAL) rather than truncates when the guest's XSAVE
         // area is larger than 4 KiB, so what we get here is complete.
         Some(XsaveArea(Box::new(vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?)))
     } else {
         None
     };
-    let xcrs =
-        if kvm.check_extension(Cap::Xcrs) { Some(vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?) } else { None };
+    let xcrs = if caps.xcrs { Some(vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?) } else { None };
     let debug_regs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
     let lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k != 0);
@@ -330,8 +355,7 @@ pub fn capture(vcpu: &VcpuFd, kvm: &Kvm) -> Result<VcpuState, StateError> {
         .filter(|e| !(e.function == 0 && e.index == 0 && e.flags == 0 && e.eax == 0))
         .map(CpuidEntry::from)
         .collect();
-    let index_list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-    let (msrs, msrs_unreadable) = read_msrs(vcpu, &msr_indices(vcpu, index_list.as_slice())?)?;
+    let (msrs, msrs_unreadable) = read_msrs(vcpu, &msr_indices(vcpu, &caps.msr_index_list)?)?;
     // Last: the GETs above may settle pending events.
     let vcpu_events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
@@ -396,12 +420,15 @@ pub fn set_tsc_offset(vcpu: &VcpuFd, offset: u64) -> Result<(), StateError> {
 /// The size in bytes KVM_SET_XSAVE would read for a vCPU of this process:
 /// KVM_CAP_XSAVE2 (at least 4096), or 4096 where the host lacks the capability.
 fn xsave_uabi_size() -> usize {
-    let legacy = std::mem::size_of::<kvm_xsave>();
-    match Kvm::new() {
-        Ok(kvm) => usize::try_from(kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0).max(legacy),
-        // Without /dev/kvm there is no vCPU either; the SET below fails on its own.
-        Err(_) => legacy,
-    }
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        let legacy = std::mem::size_of::<kvm_xsave>();
+        match Kvm::new() {
+            Ok(kvm) => usize::try_from(kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0).max(legacy),
+            // Without /dev/kvm there is no vCPU either; the SET below fails on its own.
+            Err(_) => legacy,
+        }
+    })
 }
 
 fn tsc_differs(a: u32, b: u32) -> bool {

@@ -135,6 +135,8 @@ pub struct RunControl {
     /// While set, vCPUs capture their state when they pause (live update).
     capture_requested: AtomicBool,
     captures: Mutex<Vec<Option<VcpuCapture>>>,
+    /// CLOCK_MONOTONIC (ns) when the first vCPU thread was about to enter KVM_RUN.
+    first_run_ns: std::sync::atomic::AtomicU64,
 }
 
 /// What a vCPU thread deposits when it pauses for a live update.
@@ -161,6 +163,7 @@ impl RunControl {
             pause_cv: Condvar::new(),
             capture_requested: AtomicBool::new(false),
             captures: Mutex::new((0..vcpus).map(|_| None).collect()),
+            first_run_ns: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -259,11 +262,35 @@ impl RunControl {
         self.park();
     }
 
+    /// Holds vCPU threads that have not run yet: they wait until [`RunControl::resume`].
+    pub fn hold(&self) {
+        self.pause_requested.store(true, Ordering::SeqCst);
+    }
+
     /// Lifts a pause.
     pub fn resume(&self) {
         self.pause_requested.store(false, Ordering::SeqCst);
         let _g = self.paused.lock();
         self.pause_cv.notify_all();
+    }
+
+    /// Called by each vCPU thread before its first KVM_RUN; the first call is timed.
+    pub fn note_first_run(&self) {
+        let now = crate::run::monotonic_ns();
+        let _ = self.first_run_ns.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Waits (up to `timeout`) for the first vCPU thread to reach KVM_RUN and returns
+    /// when it did (CLOCK_MONOTONIC ns), or now if none did in time.
+    pub fn wait_first_run(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let t = self.first_run_ns.load(Ordering::SeqCst);
+            if t != 0 || Instant::now() >= deadline || self.stopping() {
+                return if t != 0 { t } else { crate::run::monotonic_ns() };
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
     }
 
     /// Number of vCPUs.

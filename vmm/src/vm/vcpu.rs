@@ -72,10 +72,11 @@ pub fn install_kick_handler() -> io::Result<()> {
 /// Starts vCPU `index` on a thread named `vcpuN`.
 pub fn spawn(index: u32, vcpu: VcpuFd, ports: VcpuPorts, shared: VcpuShared) -> io::Result<JoinHandle<VcpuReport>> {
     thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
-        let stats_fd = StatsFd::open(&vcpu).ok();
         let mut vcpu = vcpu;
         let state = run_loop(index, &mut vcpu, ports, &shared);
-        let stats = stats_fd.and_then(|s| s.read().ok()).unwrap_or_default();
+        // Opened at the end, not the start: it costs time a live update's resume (and
+        // boot) should not wait for.
+        let stats = StatsFd::open(&vcpu).ok().and_then(|s| s.read().ok()).unwrap_or_default();
         VcpuReport { index, state, stats }
     })
 }
@@ -89,13 +90,22 @@ pub struct VcpuShared {
     pub mem: Arc<GuestMemory>,
     /// Run control.
     pub ctl: Arc<RunControl>,
-    /// The KVM system handle (MSR lists, capabilities) for state captures.
-    pub kvm: Arc<kvm_ioctls::Kvm>,
+    /// What state captures ask KVM (MSR list, capabilities), asked once.
+    pub caps: Arc<crate::state::vcpu::CaptureCaps>,
 }
 
 /// Captures this vCPU for a live update: KVM state, port registers, TSC offset.
-fn capture(vcpu: &VcpuFd, kvm: &kvm_ioctls::Kvm, ports: &VcpuPorts) -> Result<VcpuEntry, String> {
-    let kvm_state = crate::state::vcpu::capture(vcpu, kvm).map_err(|e| crate::error_chain(&e))?;
+///
+/// KVM completes an I/O or MMIO exit (writes the `in` result, moves RIP past the
+/// instruction) only on the next KVM_RUN, and that pending work is not in any state
+/// it lets us read. So the vCPU re-enters once with `immediate_exit` set: KVM finishes
+/// the instruction and returns at once, without running guest code.
+fn capture(vcpu: &mut VcpuFd, caps: &crate::state::vcpu::CaptureCaps, ports: &VcpuPorts) -> Result<VcpuEntry, String> {
+    vcpu.set_kvm_immediate_exit(1);
+    let completed = vcpu.run().map(|_| ()).or_else(|e| if e.errno() == libc::EINTR { Ok(()) } else { Err(e) });
+    vcpu.set_kvm_immediate_exit(0);
+    completed.map_err(|e| format!("cannot complete the last exit before the capture: {e}"))?;
+    let kvm_state = crate::state::vcpu::capture_with(vcpu, caps).map_err(|e| crate::error_chain(&e))?;
     Ok(VcpuEntry { kvm: Some(kvm_state), ports: ports.clone(), tsc_offset: crate::state::vcpu::tsc_offset(vcpu) })
 }
 
@@ -105,6 +115,7 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
         ctl.finish(Outcome::Error { vcpu: index, message });
         VcpuState::Stopped
     };
+    let mut first_run = true;
     loop {
         if ctl.stopping() {
             return VcpuState::Stopped;
@@ -112,11 +123,15 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
         if ctl.pause_requested() {
             if ctl.capture_requested() {
                 let left_run_ns = crate::run::monotonic_ns();
-                let state = capture(vcpu, &shared.kvm, &ports);
+                let state = capture(vcpu, &shared.caps, &ports);
                 ctl.deposit(index, VcpuCapture { left_run_ns, state });
             }
             ctl.wait_while_paused();
             continue;
+        }
+        if first_run {
+            first_run = false;
+            ctl.note_first_run();
         }
         let action = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) if VcpuPorts::claims(port) => {
