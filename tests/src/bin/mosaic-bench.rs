@@ -19,7 +19,14 @@
 //! - `conversions`: `convbench`: conversion round trips for 4K/2M/1G, ZERO and
 //!   PRESERVE, as the guest sees them and as the VMM spends them.
 //!
+//! - `liveupdate [SIZE]`: 20 consecutive live updates of `heartbeat` guests (256M,
+//!   1G, 4G and 16G, or SIZE), hugetlb 2M and memfd: downtime as the guest saw it and
+//!   as the VMM measured it, phases, and the guest's page rate after the resume.
+//!
 //! hugetlb runs use `reserve=auto`: pools are grown for the run and given back.
+
+#[path = "../bench_liveupdate.rs"]
+mod bench_liveupdate;
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -313,9 +320,13 @@ fn main() {
             "memlat" => memlat(next_num.as_deref().unwrap_or("2G")),
             "prefault" => prefault(),
             "conversions" => conversions(),
-            other => {
-                Err(format!("unknown benchmark '{other}' (boot, memtest, coverage, memlat, prefault, conversions)"))
-            }
+            "liveupdate" => match next_num.as_deref() {
+                Some(s) => bench_liveupdate::liveupdate(&[s]),
+                None => bench_liveupdate::liveupdate(&["256M", "1G", "4G", "16G"]),
+            },
+            other => Err(format!(
+                "unknown benchmark '{other}' (boot, memtest, coverage, memlat, prefault, conversions, liveupdate)"
+            )),
         };
         if let Err(e) = r {
             eprintln!("mosaic-bench: {e}");

@@ -17,6 +17,8 @@ pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long any step may take while the guest is paused before the old process gives
 /// up and resumes it.
 pub const PAUSED_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to poll for an answer while the guest is paused before blocking.
+pub const SPIN: Duration = Duration::from_millis(3);
 /// How long the vCPUs may take to leave KVM_RUN.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -153,6 +155,7 @@ pub fn update(job: &Job) -> Result<Report, LiveError> {
         let t_saved = monotonic_ns();
         let state_bytes = frame.len();
         ch.send(&Message::State(frame), &[])?;
+        ch.spin_until_readable(SPIN);
         let (received_ns, restored_ns) = match expect(&mut ch, "Ready")? {
             Message::Ready { received_ns, restored_ns } => (received_ns, restored_ns),
             _ => (t_saved, t_saved),
