@@ -128,6 +128,15 @@ pub struct GuestRegion {
     pub gmem_fd: Option<RawFd>,
 }
 
+/// A callback run before the first conversion.
+struct Observer(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
 /// The guest RAM of one VM.
 ///
 /// Every fd-backed region is mapped twice: the **KVM mapping** (`GuestRegion::host_addr`,
@@ -149,6 +158,8 @@ pub struct GuestMemory {
     view_trusted: std::sync::atomic::AtomicBool,
     attrs: RwLock<Attributes>,
     conv_stats: ConvStats,
+    first_conversion: std::sync::Once,
+    before_first_conversion: std::sync::OnceLock<Observer>,
     regions: Vec<GuestRegion>,
     layout: MemoryLayout,
     backings: Vec<Backing>,
@@ -263,6 +274,8 @@ impl GuestMemory {
             view_trusted: std::sync::atomic::AtomicBool::new(true),
             attrs,
             conv_stats: ConvStats::default(),
+            first_conversion: std::sync::Once::new(),
+            before_first_conversion: std::sync::OnceLock::new(),
             regions,
             layout,
             backings,
@@ -370,6 +383,11 @@ impl GuestMemory {
     /// throughout, so VMM accesses see the range wholly before or after. Returns the
     /// number of pages that changed state.
     pub fn convert(&self, req: &ConvRequest) -> Result<u64, ConvError> {
+        self.first_conversion.call_once(|| {
+            if let Some(observe) = self.before_first_conversion.get() {
+                (observe.0)();
+            }
+        });
         let start = std::time::Instant::now();
         let r = self.convert_locked(req);
         match r {
@@ -379,6 +397,13 @@ impl GuestMemory {
             Err(_) => self.conv_stats.record_failure(),
         }
         r
+    }
+
+    /// Sets what runs once, just before the first conversion (the VMM snapshots KVM's
+    /// huge-mapping coverage there, to compare with the coverage after). Only the
+    /// first call takes effect.
+    pub fn observe_first_conversion(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.before_first_conversion.set(Observer(f));
     }
 
     /// Counts a request refused before it reached [`GuestMemory::convert`] (decoding).

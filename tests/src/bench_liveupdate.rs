@@ -78,6 +78,14 @@ fn one(size: &str, label: &str, mem: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    // The last process writes the stats, then tears the VM down and gives pool pages
+    // back: wait for it to be gone before the next guest asks for memory.
+    if let Some(&last) = pids.last() {
+        let t = Instant::now();
+        while std::path::Path::new(&format!("/proc/{last}")).exists() && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
     if !text.lines().any(|l| l == "heartbeat: ok") || report["exit_code"] != 0 {
         return Err(format!("{size} {label}: heartbeat failed:\n{text}"));
@@ -88,8 +96,8 @@ fn one(size: &str, label: &str, mem: &str) -> Result<(), String> {
         if let [_, "gap", _, "cycles", us, "us", "after", after, "pages", "before", before, "pages"] = w.as_slice() {
             gaps.push(us.parse::<u64>().unwrap_or(0));
             let (a, b) = (after.parse::<u64>().unwrap_or(0), before.parse::<u64>().unwrap_or(0));
-            if b > 0 {
-                ratios.push(a * 100 / b);
+            if let Some(r) = (a * 100).checked_div(b) {
+                ratios.push(r);
             }
         }
     }

@@ -84,7 +84,7 @@ pub struct Output {
 }
 
 /// Appends one line per KVM guest run to `$MOSAIC_GUEST_LOG` (CI counts them).
-fn log_guest(args: &[String]) {
+pub fn log_guest(args: &[String]) {
     if let Some(p) = std::env::var_os("MOSAIC_GUEST_LOG") {
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {

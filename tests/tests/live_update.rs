@@ -36,6 +36,7 @@ impl LiveVm {
         args.push(format!("--serial=file:{}", dir.path("serial.txt").display()));
         args.push(format!("--stats-json={}", dir.path("stats.json").display()));
         args.extend(flags.iter().map(|s| s.to_string()));
+        log_guest(&args);
         let first = Command::new(mosaic_bin())
             .args(&args)
             .stdin(Stdio::null())

@@ -91,6 +91,12 @@ fn ten_thousand_conversions_keep_hugetlb_huge_and_memory_intact() {
     assert_eq!(s["private_memory"]["conversions"]["pages_4k"], 10000);
     let ratio = s["coverage"]["kvm_huge_ratio"].as_f64().unwrap();
     assert!(ratio >= 0.99, "KVM pages_2m coverage after 10,000 4K conversions: {ratio} ({})", s["kvm_vm"]);
+    // Before the first conversion (the guest has already touched its RAM), KVM mapped
+    // huge too: the conversions did not take coverage down.
+    let before = &s["coverage_before_conversions"];
+    let before_ratio = before["kvm_huge_ratio"].as_f64().expect("coverage before the conversions");
+    assert!(before["kvm_mapped_bytes"].as_u64().unwrap() > 0, "{before}");
+    assert!(ratio >= before_ratio - 0.01, "coverage fell from {before_ratio} to {ratio}");
     drop(pool);
 }
 

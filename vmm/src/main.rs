@@ -285,18 +285,30 @@ fn cmd_incoming(spec: &str, stats_override: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(vmm::vm::control::EXIT_VM_FAILED as u8);
         }
     };
-    let vmm::live::incoming::Adopted { machine, api, zones, info, channel } = adopted;
-    let reservations: Vec<_> = info.pool_grants.iter().map(|g| vmm::preflight::PoolReservation::adopt(*g)).collect();
+    let vmm::live::incoming::Adopted { machine, api, zones, info, gate } = adopted;
+    let committed = gate.committed();
+    let mut reservations: Vec<_> =
+        info.pool_grants.iter().map(|g| vmm::preflight::PoolReservation::adopt(*g)).collect();
     let stats_json = stats_override.or_else(|| info.stats_json.clone());
     let opts = run::DriveOptions {
         deadline: None,
         api,
         zones,
         handover: vmm::live::HandoverInfo { stats_json: stats_json.clone(), ..info },
-        gate: Some(Box::new(vmm::live::incoming::CommitGate::new(channel))),
+        gate: Some(Box::new(gate)),
     };
-    eprintln!("mosaic: live update: running guest {} (pid {})", machine.guest, std::process::id());
-    finish_run(run::drive(machine, opts), stats_json.as_deref(), reservations)
+    let guest = machine.guest.clone();
+    let result = run::drive(machine, opts);
+    if !committed.load(std::sync::atomic::Ordering::SeqCst) {
+        // The old process kept the guest: its stats file and pool pages are not ours.
+        reservations.iter_mut().for_each(vmm::preflight::PoolReservation::disarm);
+        if let Ok(r) = &result {
+            eprintln!("mosaic: {}", r.outcome.description);
+        }
+        return ExitCode::from(vmm::vm::control::EXIT_VM_FAILED as u8);
+    }
+    eprintln!("mosaic: live update: ran guest {guest} (pid {}) to the end", std::process::id());
+    finish_run(result, stats_json.as_deref(), reservations)
 }
 
 /// Reports the end of a run: stats file, outcome line, pool reservations, exit code.

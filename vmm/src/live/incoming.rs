@@ -157,7 +157,7 @@ fn prepare(hello: &Hello, zones: Vec<OwnedFd>, console: Option<OwnedFd>) -> Resu
 
 /// Puts `state` into the prepared machine. Everything is checked against the Hello
 /// first; parked vCPUs become `None`.
-fn restore(m: &mut Machine, hello: &Hello, mut state: StateV2) -> Result<(), LiveError> {
+fn restore(m: &mut Machine, hello: &Hello, state: StateV2) -> Result<(), LiveError> {
     let err = |e: &dyn std::error::Error| LiveError::Restore(crate::error_chain(e));
     if state.layout != hello.layout {
         return Err(LiveError::Restore("the state's memory layout differs from the Hello's".into()));
@@ -170,26 +170,13 @@ fn restore(m: &mut Machine, hello: &Hello, mut state: StateV2) -> Result<(), Liv
         )));
     }
     crate::state::vm::restore(m.vm.fd(), &state.vm).map_err(|e| err(&e))?;
-    let now = monotonic_ns();
-    for (slot, entry) in m.vcpus.iter_mut().zip(state.vcpus.iter_mut()) {
-        let Some(kvm) = entry.kvm.as_mut() else {
+    for (slot, entry) in m.vcpus.iter_mut().zip(state.vcpus) {
+        if entry.kvm.is_none() {
             *slot = None;
             continue;
-        };
+        }
         let Some((vcpu, ports)) = slot.as_mut() else { continue };
-        if entry.tsc_offset.is_none() {
-            // No TSC offset to restore: advance the TSC by the time since capture.
-            let khz = u64::from(kvm.tsc_khz.unwrap_or(0));
-            let ticks = now.saturating_sub(state.captured_ns).saturating_mul(khz) / 1_000_000;
-            for msr in kvm.msrs.iter_mut().filter(|m| m.index == crate::state::vcpu::MSR_IA32_TSC) {
-                msr.data = msr.data.wrapping_add(ticks);
-            }
-        }
-        crate::state::vcpu::restore(vcpu, kvm).map_err(|e| err(&e))?;
-        if let Some(off) = entry.tsc_offset {
-            crate::state::vcpu::set_tsc_offset(vcpu, off).map_err(|e| err(&e))?;
-        }
-        *ports = entry.ports.clone();
+        *ports = crate::state::vcpu::restore_entry(vcpu, entry, state.captured_ns).map_err(|e| err(&e))?;
     }
     m.devices.restore(&state.devices);
     m.vm.memory().restore_attrs(&state.attrs).map_err(|e| err(&e))?;
@@ -206,8 +193,9 @@ pub struct Adopted {
     pub zones: serde_json::Value,
     /// What else crossed.
     pub info: HandoverInfo,
-    /// The channel, to await the commit and confirm that the vCPUs run.
-    pub channel: Channel,
+    /// Awaits the commit (the vCPU threads are started meanwhile) and confirms that
+    /// the vCPUs run.
+    pub gate: CommitGate,
 }
 
 /// Receives a VM: Hello, prepare, state, restore, Ready; the commit is awaited by the
@@ -223,7 +211,8 @@ pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
                 (Some(path), Some(fd)) => Some(crate::api::ApiSocket::Inherited { path, fd }),
                 _ => None,
             };
-            Ok(Adopted { machine, api, zones, info: hello.info, channel: ch })
+            let gate = CommitGate { channel: ch, committed: Default::default() };
+            Ok(Adopted { machine, api, zones, info: hello.info, gate })
         }
         Err(e) => {
             ch.fail(&crate::error_chain(&e));
@@ -266,20 +255,25 @@ fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), Liv
 /// (and the API socket is set up) while the old process decides.
 pub struct CommitGate {
     channel: Channel,
+    committed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CommitGate {
-    /// A gate on the channel the Ready went out on.
-    pub fn new(channel: Channel) -> Self {
-        CommitGate { channel }
+    /// Set once the old process has committed: until then this process must leave
+    /// everything the guest's run owns alone (its stats file, its hugetlb pool pages).
+    pub fn committed(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.committed.clone()
     }
 }
 
 impl crate::run::StartGate for CommitGate {
-    fn wait_open(&mut self) -> Result<(), String> {
+    fn wait_open(&mut self, _ctl: &crate::vm::control::RunControl) -> Result<(), String> {
         let no = |why: String| format!("live update: no commit from the old process ({why}); nothing ran here");
         match self.channel.recv(None) {
-            Ok((Message::Commit, _)) => Ok(()),
+            Ok((Message::Commit, _)) => {
+                self.committed.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
             Ok((Message::Failed(r), _)) => Err(no(r)),
             Ok((m, _)) => Err(no(format!("got {}", m.name()))),
             Err(e) => Err(no(e.to_string())),

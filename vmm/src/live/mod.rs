@@ -240,15 +240,19 @@ impl Job {
                     (status, serde_json::json!({ "error": message }))
                 }
             };
+            use std::sync::atomic::Ordering;
+            let handed_over = self.state.handed_over.load(Ordering::SeqCst);
+            if !handed_over {
+                // Free before the answer: a client that reads it may ask again at once.
+                self.state.busy.store(false, Ordering::SeqCst);
+            }
             let _ = crate::api::http::write_response(&mut conn, status, Some(&body));
             drop(conn);
-            use std::sync::atomic::Ordering;
-            if self.state.handed_over.load(Ordering::SeqCst) {
+            if handed_over {
                 // Only now (the answer is out) may this process end.
                 let pid = self.state.new_pid.load(Ordering::SeqCst);
                 self.source.ctl.finish(crate::vm::control::Outcome::HandedOver { pid });
             }
-            self.state.busy.store(false, Ordering::SeqCst);
         });
         if spawned.is_err() {
             eprintln!("mosaic: cannot start the live-update thread");

@@ -108,13 +108,18 @@ impl Channel {
     /// Polls (without sleeping) until a message starts to arrive or `max` passes.
     /// Used only while the guest is paused, when the CPUs are idle: a wake-up from a
     /// blocking read costs tens of microseconds on these hosts, each on the guest's
-    /// downtime.
+    /// downtime. It yields the CPU between polls (so a process it waits for on the
+    /// same CPU still runs) and does nothing on a single-CPU host.
     pub fn spin_until_readable(&self, max: Duration) {
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+            return;
+        }
         let start = std::time::Instant::now();
         let mut p = libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: poll with a zero timeout on one valid pollfd we own.
         while unsafe { libc::poll(&mut p, 1, 0) } == 0 && start.elapsed() < max {
-            std::hint::spin_loop();
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
         }
     }
 

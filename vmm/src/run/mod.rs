@@ -105,7 +105,8 @@ pub struct DriveOptions {
 /// What the vCPUs wait for before they first run.
 pub trait StartGate {
     /// Blocks until the vCPUs may run; `Err` ends the run before any guest code runs.
-    fn wait_open(&mut self) -> Result<(), String>;
+    /// The vCPU threads are started and held.
+    fn wait_open(&mut self, ctl: &RunControl) -> Result<(), String>;
     /// The first vCPU is about to enter KVM_RUN, at `ns` (CLOCK_MONOTONIC).
     fn running(&mut self, ns: u64);
 }
@@ -193,6 +194,15 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
     let n = vcpus.len() as u32;
     let mem = vm.memory().clone();
     let vm_stats = StatsFd::open(vm.fd()).ok().map(Arc::new);
+    let before_conversions = Arc::new(std::sync::OnceLock::new());
+    if let Some(stats) = vm_stats.clone() {
+        let slot = before_conversions.clone();
+        mem.observe_first_conversion(Box::new(move || {
+            if let Ok(s) = stats.read() {
+                let _ = slot.set(report::KvmCoverage::new(&s));
+            }
+        }));
+    }
     vcpu::install_kick_handler()?;
     let ctl = Arc::new(RunControl::new(n, start)?);
     opts.handover.zones_json = opts.zones.to_string();
@@ -240,7 +250,7 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
         }
     }
     if let Some(mut gate) = opts.gate.take() {
-        match gate.wait_open() {
+        match gate.wait_open(&ctl) {
             Ok(()) => {
                 ctl.resume();
                 gate.running(ctl.wait_first_run(Duration::from_secs(1)));
@@ -274,5 +284,6 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
         unknown_port_accesses: devices.unknown_accesses(),
         private: report::PrivateReport::new(&mem),
         generation: devices.guest_ports().generation(),
+        coverage_before_conversions: before_conversions.get().cloned(),
     }))
 }

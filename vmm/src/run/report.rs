@@ -94,6 +94,32 @@ pub struct RunReport {
     pub private_memory: PrivateReport,
     /// Live updates the guest went through before this process ended it.
     pub live_update_generation: u64,
+    /// KVM's huge-mapping coverage just before the guest's first conversion (absent
+    /// if it made none); `coverage` is the coverage after, at exit.
+    pub coverage_before_conversions: Option<KvmCoverage>,
+}
+
+/// How KVM maps guest RAM at one moment (from its binary stats).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KvmCoverage {
+    /// Bytes KVM maps (`pages_4k`, `pages_2m`, `pages_1g` summed).
+    pub kvm_mapped_bytes: u64,
+    /// Of those, bytes on 2 MiB and 1 GiB mappings.
+    pub kvm_huge_bytes: u64,
+    /// `kvm_huge_bytes / kvm_mapped_bytes` (0 when nothing is mapped).
+    pub kvm_huge_ratio: f64,
+}
+
+impl KvmCoverage {
+    /// From KVM VM stats.
+    pub fn new(kvm_vm: &BTreeMap<String, u64>) -> Self {
+        let c = Coverage::new(kvm_vm, &[]);
+        KvmCoverage {
+            kvm_mapped_bytes: c.kvm_mapped_bytes,
+            kvm_huge_bytes: c.kvm_huge_bytes,
+            kvm_huge_ratio: c.kvm_huge_ratio,
+        }
+    }
 }
 
 /// Private memory at exit (docs/PRIVATE-MEMORY.md).
@@ -236,6 +262,8 @@ pub struct ReportInputs {
     pub private: PrivateReport,
     /// Live-update generation.
     pub generation: u64,
+    /// Coverage before the first conversion.
+    pub coverage_before_conversions: Option<KvmCoverage>,
 }
 
 impl RunReport {
@@ -281,6 +309,7 @@ impl RunReport {
             unknown_port_accesses: i.unknown_port_accesses,
             private_memory: i.private,
             live_update_generation: i.generation,
+            coverage_before_conversions: i.coverage_before_conversions,
         }
     }
 }

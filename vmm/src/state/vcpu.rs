@@ -481,6 +481,31 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Restores a live update's vCPU entry into `vcpu` (see [`restore`]) and returns its
+/// port registers. The TSC: the captured offset is set after the MSRs, so the guest
+/// TSC runs on from the host TSC exactly as before; without one, the TSC MSR is
+/// advanced by the time since `captured_ns`.
+pub fn restore_entry(
+    vcpu: &VcpuFd,
+    mut entry: super::format::VcpuEntry,
+    captured_ns: u64,
+) -> Result<crate::devices::paravirt::VcpuPorts, StateError> {
+    let Some(kvm) = entry.kvm.as_mut() else { return Ok(entry.ports) };
+    if entry.tsc_offset.is_none() {
+        let khz = u64::from(kvm.tsc_khz.unwrap_or(0));
+        let elapsed = crate::run::monotonic_ns().saturating_sub(captured_ns);
+        let ticks = elapsed.saturating_mul(khz) / 1_000_000;
+        for msr in kvm.msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+            msr.data = msr.data.wrapping_add(ticks);
+        }
+    }
+    restore(vcpu, kvm)?;
+    if let Some(off) = entry.tsc_offset {
+        set_tsc_offset(vcpu, off)?;
+    }
+    Ok(entry.ports)
+}
+
 /// Restores `states[i]` into `vcpus[i]`; the counts must match.
 pub fn restore_all(vcpus: &[VcpuFd], states: &[VcpuState]) -> Result<(), StateError> {
     if vcpus.len() != states.len() {
