@@ -74,6 +74,9 @@ pub enum Outcome {
     },
 }
 
+/// How soon a pause kicks again a vCPU that has not stopped (its first few ms).
+pub const REKICK: Duration = Duration::from_micros(50);
+
 /// Exit code of `mosaic run` when the VM failed rather than the guest deciding.
 pub const EXIT_VM_FAILED: i32 = 125;
 
@@ -205,9 +208,14 @@ impl RunControl {
     /// Pauses the vCPUs: raises the request, calls `kick` (which gets them out of
     /// KVM_RUN) until every vCPU that has not parked waits, or `timeout` passes.
     /// Returns false if it timed out (the request stays raised).
+    ///
+    /// A kick that lands just before a vCPU thread enters KVM_RUN is lost (the signal
+    /// handler has already run), so kicks repeat: every [`REKICK`] at first, then every
+    /// millisecond.
     pub fn pause(&self, kick: impl Fn(), timeout: Duration) -> bool {
         self.pause_requested.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
+        let rekick_until = Instant::now() + Duration::from_millis(5);
         let Ok(mut n) = self.paused.lock() else { return false };
         loop {
             let active = self.vcpus.saturating_sub(self.parked.load(Ordering::SeqCst));
@@ -218,7 +226,8 @@ impl RunControl {
                 return false;
             }
             kick();
-            n = match self.pause_cv.wait_timeout(n, Duration::from_millis(1)) {
+            let wait = if Instant::now() < rekick_until { REKICK } else { Duration::from_millis(1) };
+            n = match self.pause_cv.wait_timeout(n, wait) {
                 Ok((g, _)) => g,
                 Err(_) => return false,
             };
