@@ -128,6 +128,28 @@ pub struct GuestRegion {
     pub gmem_fd: Option<RawFd>,
 }
 
+/// Makes each zone's backing with `make(zone, pieces, progress)`: the zone's pieces
+/// (`(offset, len)` of each of its regions) and its prefault progress reporter.
+fn zone_backings(
+    layout: &MemoryLayout,
+    progress: Option<&(dyn Fn(usize, u64, u64) + Sync)>,
+    mut make: impl FnMut(
+        &crate::layout::ZoneSpec,
+        &[(u64, u64)],
+        Option<&(dyn Fn(u64, u64) + Sync)>,
+    ) -> Result<Backing, BackendError>,
+) -> Result<Vec<Backing>, BuildError> {
+    let mut backings = Vec::with_capacity(layout.zones().len());
+    for (zone, z) in layout.zones().iter().enumerate() {
+        let pieces: Vec<(u64, u64)> =
+            layout.regions().iter().filter(|r| r.zone == zone).map(|r| (r.zone_offset, r.size)).collect();
+        let zone_progress = progress.map(|p| move |done: u64, total: u64| p(zone, done, total));
+        let zp = zone_progress.as_ref().map(|f| f as &(dyn Fn(u64, u64) + Sync));
+        backings.push(make(z, &pieces, zp).map_err(|source| BuildError::Backing { zone, source })?);
+    }
+    Ok(backings)
+}
+
 /// A callback run before the first conversion.
 struct Observer(Box<dyn Fn() + Send + Sync>);
 
@@ -174,16 +196,8 @@ impl GuestMemory {
         gmem: Option<&dyn GmemFactory>,
         progress: Option<&(dyn Fn(usize, u64, u64) + Sync)>,
     ) -> Result<Self, BuildError> {
-        let mut backings = Vec::with_capacity(layout.zones().len());
-        for (zone, z) in layout.zones().iter().enumerate() {
-            let pieces: Vec<(u64, u64)> =
-                layout.regions().iter().filter(|r| r.zone == zone).map(|r| (r.zone_offset, r.size)).collect();
-            let zone_progress = progress.map(|p| move |done: u64, total: u64| p(zone, done, total));
-            let zp = zone_progress.as_ref().map(|f| f as &(dyn Fn(u64, u64) + Sync));
-            let b = Backing::create(&z.backend, z.size, &pieces, gmem, zp)
-                .map_err(|source| BuildError::Backing { zone, source })?;
-            backings.push(b);
-        }
+        let backings =
+            zone_backings(&layout, progress, |z, pieces, zp| Backing::create(&z.backend, z.size, pieces, gmem, zp))?;
         Self::from_backings(layout, backings)
     }
 
@@ -199,16 +213,15 @@ impl GuestMemory {
         if fds.len() != layout.zones().len() {
             return Err(BuildError::ZoneFds { fds: fds.len(), zones: layout.zones().len() });
         }
-        let mut backings = Vec::with_capacity(fds.len());
-        for ((zone, z), fd) in layout.zones().iter().enumerate().zip(fds) {
-            let pieces: Vec<(u64, u64)> =
-                layout.regions().iter().filter(|r| r.zone == zone).map(|r| (r.zone_offset, r.size)).collect();
-            let zone_progress = progress.map(|p| move |done: u64, total: u64| p(zone, done, total));
-            let zp = zone_progress.as_ref().map(|f| f as &(dyn Fn(u64, u64) + Sync));
-            let b = Backing::adopt(&z.backend, z.size, &pieces, fd, zp)
-                .map_err(|source| BuildError::Backing { zone, source })?;
-            backings.push(b);
-        }
+        let mut fds = fds.into_iter();
+        let backings = zone_backings(&layout, progress, |z, pieces, zp| {
+            // One fd per zone: checked above.
+            let fd = fds.next().ok_or_else(|| crate::backend::BackendError::Adopt {
+                kind: z.backend.kind,
+                reason: "no fd was handed over for it".into(),
+            })?;
+            Backing::adopt(&z.backend, z.size, pieces, fd, zp)
+        })?;
         Self::from_backings(layout, backings)
     }
 
