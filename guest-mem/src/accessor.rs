@@ -150,6 +150,19 @@ fn zone_backings(
     Ok(backings)
 }
 
+/// Whether each huge block (of each size in [`MIXED_BLOCKS`]) overlapping
+/// `[gpa, gpa+len)` is mixed, block by block.
+fn mixed_per_block(attrs: &Attributes, gpa: u64, len: u64) -> Vec<Vec<bool>> {
+    crate::convert::MIXED_BLOCKS
+        .iter()
+        .map(|&block| {
+            let first = gpa / block * block;
+            let end = gpa.saturating_add(len);
+            (0..).map(|i| first + i * block).take_while(|&b| b < end).map(|b| attrs.block_is_mixed(b, block)).collect()
+        })
+        .collect()
+}
+
 /// A callback run before the first conversion.
 struct Observer(Box<dyn Fn() + Send + Sync>);
 
@@ -442,6 +455,7 @@ impl GuestMemory {
             return Err(ConvError::Unsupported);
         }
         let before: Vec<(u64, u64)> = attrs.private_ranges_in(req.gpa, len).collect();
+        let mixed_before = mixed_per_block(&attrs, req.gpa, len);
         let scrub = match req.mode {
             ContentMode::Zero => changing_ranges(&before, req.gpa, len, req.target),
             ContentMode::Preserve => Vec::new(),
@@ -456,6 +470,18 @@ impl GuestMemory {
                 let _ = attrs.set(s, e - s, PageState::Private);
             }
             return Err(ConvError::Unsupported);
+        }
+        let mixed_after = mixed_per_block(&attrs, req.gpa, len);
+        for (i, (was, now)) in mixed_before.iter().zip(&mixed_after).enumerate() {
+            let (mut became_mixed, mut became_uniform) = (0, 0);
+            for (a, b) in was.iter().zip(now) {
+                match (a, b) {
+                    (false, true) => became_mixed += 1,
+                    (true, false) => became_uniform += 1,
+                    _ => {}
+                }
+            }
+            self.conv_stats.record_blocks(i, became_mixed, became_uniform);
         }
         for (gpa, n) in scrub {
             self.scrub(gpa, n).map_err(|_| ConvError::Range)?;
@@ -746,6 +772,33 @@ mod tests {
         // Converting back to shared works and reads go through the view again.
         assert_eq!(m.convert(&decode_port(0x10_0000, 1, 0).unwrap()), Ok(1));
         m.read(0x10_0000, &mut [0u8; 8]).unwrap();
+    }
+
+    #[test]
+    fn conversions_count_huge_blocks_made_mixed_and_uniform_again() {
+        use crate::convert::decode_port;
+        let m = mem(BackendKind::Memfd, &[8 << 20]);
+        let blocks = |m: &GuestMemory| {
+            let s = m.conversion_stats();
+            (s.blocks_2m.became_mixed, s.blocks_2m.became_uniform, s.blocks_1g.became_mixed, s.blocks_1g.became_uniform)
+        };
+        // One 4K page private in the second 2 MiB block: that block and the 1 GiB
+        // block holding everything become mixed.
+        m.convert(&decode_port(0x20_0000, 1, 1).unwrap()).unwrap();
+        assert_eq!(blocks(&m), (1, 0, 1, 0));
+        // A neighbour too: nothing new.
+        m.convert(&decode_port(0x20_1000, 1, 1).unwrap()).unwrap();
+        assert_eq!(blocks(&m), (1, 0, 1, 0));
+        // The whole 2 MiB block private: uniform again (the 1 GiB block stays mixed).
+        m.convert(&decode_port(0x20_0000, 512, 1).unwrap()).unwrap();
+        assert_eq!(blocks(&m), (1, 1, 1, 0));
+        // A range over two 2 MiB blocks, half of each: both mixed.
+        m.convert(&decode_port(0x50_0000, 512, 1).unwrap()).unwrap();
+        assert_eq!(blocks(&m), (3, 1, 1, 0));
+        // Everything shared again: the three mixed ones are uniform, and so is the GiB.
+        m.convert(&decode_port(0, 2048, 0).unwrap()).unwrap();
+        assert_eq!(blocks(&m), (3, 3, 1, 1));
+        assert_eq!(m.mixed_blocks(crate::PAGE_2M), 0);
     }
 
     #[test]

@@ -150,6 +150,23 @@ pub struct ConvStats {
     total_ns: std::sync::atomic::AtomicU64,
     /// Latency histogram: bucket i counts conversions that took [2^i, 2^(i+1)) ns.
     buckets: [std::sync::atomic::AtomicU64; 32],
+    /// Huge blocks (2 MiB, 1 GiB) that conversions made mixed, and uniform again.
+    became_mixed: [std::sync::atomic::AtomicU64; 2],
+    became_uniform: [std::sync::atomic::AtomicU64; 2],
+}
+
+/// The huge block sizes mixed/uniform transitions are counted for.
+pub const MIXED_BLOCKS: [u64; 2] = [crate::PAGE_2M, crate::PAGE_1G];
+
+/// How conversions changed one huge block size: blocks that became mixed (private
+/// and shared pages in one block: a kernel engine's KVM maps such a block with 4 KiB
+/// pages) and blocks that became uniform again (mappable huge again).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MixedTransitions {
+    /// Blocks that went from uniform to mixed.
+    pub became_mixed: u64,
+    /// Blocks that went from mixed to uniform.
+    pub became_uniform: u64,
 }
 
 /// A snapshot of [`ConvStats`].
@@ -172,9 +189,22 @@ pub struct ConvStatsSnapshot {
     /// Mean VMM-side latency in microseconds per request size and mode, for the kinds
     /// seen: keys like `4k_zero`, `2m_preserve`, `1g_zero`, `other_preserve`.
     pub mean_us_by_kind: std::collections::BTreeMap<String, f64>,
+    /// 2 MiB blocks made mixed / uniform again by conversions.
+    pub blocks_2m: MixedTransitions,
+    /// 1 GiB blocks made mixed / uniform again by conversions.
+    pub blocks_1g: MixedTransitions,
 }
 
 impl ConvStats {
+    /// Counts how a conversion changed the blocks of size `MIXED_BLOCKS[i]`.
+    pub fn record_blocks(&self, i: usize, became_mixed: u64, became_uniform: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let (Some(m), Some(u)) = (self.became_mixed.get(i), self.became_uniform.get(i)) {
+            m.fetch_add(became_mixed, Relaxed);
+            u.fetch_add(became_uniform, Relaxed);
+        }
+    }
+
     /// Records a successful conversion of `pages` pages in `mode` that took `ns`.
     pub fn record(&self, pages: u64, mode: ContentMode, ns: u64) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -233,6 +263,14 @@ impl ConvStats {
             failed: self.failed.load(Relaxed),
             mean_us: if count == 0 { 0.0 } else { self.total_ns.load(Relaxed) as f64 / count as f64 / 1e3 },
             p99_us: p99,
+            blocks_2m: MixedTransitions {
+                became_mixed: self.became_mixed[0].load(Relaxed),
+                became_uniform: self.became_uniform[0].load(Relaxed),
+            },
+            blocks_1g: MixedTransitions {
+                became_mixed: self.became_mixed[1].load(Relaxed),
+                became_uniform: self.became_uniform[1].load(Relaxed),
+            },
         }
     }
 }

@@ -97,6 +97,15 @@ fn ten_thousand_conversions_keep_hugetlb_huge_and_memory_intact() {
     let before_ratio = before["kvm_huge_ratio"].as_f64().expect("coverage before the conversions");
     assert!(before["kvm_mapped_bytes"].as_u64().unwrap() > 0, "{before}");
     assert!(ratio >= before_ratio - 0.01, "coverage fell from {before_ratio} to {ratio}");
+    // Every 2 MiB block mixed at exit was made mixed by a conversion (RAM started all
+    // shared), and conversions made some uniform again.
+    let pm = &s["private_memory"];
+    let (mixed, uniform) = (
+        pm["conversions"]["blocks_2m"]["became_mixed"].as_u64().unwrap(),
+        pm["conversions"]["blocks_2m"]["became_uniform"].as_u64().unwrap(),
+    );
+    assert!(mixed > 0 && uniform > 0, "{pm}");
+    assert_eq!(mixed - uniform, pm["mixed_2m_blocks"].as_u64().unwrap(), "{pm}");
     drop(pool);
 }
 

@@ -133,6 +133,8 @@ pub struct PrivateReport {
     pub shared_bytes: u64,
     /// 2 MiB blocks holding both private and shared pages.
     pub mixed_2m_blocks: u64,
+    /// 1 GiB blocks holding both private and shared pages.
+    pub mixed_1g_blocks: u64,
     /// Conversions by size, refused requests, latency.
     pub conversions: guest_mem::convert::ConvStatsSnapshot,
     /// Whether the VMM view still hides private pages (false after an mprotect
@@ -149,6 +151,7 @@ impl PrivateReport {
             private_bytes,
             shared_bytes,
             mixed_2m_blocks: mem.mixed_blocks(guest_mem::PAGE_2M),
+            mixed_1g_blocks: mem.mixed_blocks(guest_mem::PAGE_1G),
             conversions: mem.conversion_stats(),
             view_protects: mem.view_trusted(),
         }
