@@ -150,6 +150,16 @@ fn zone_backings(
     Ok(backings)
 }
 
+/// Puts the attributes of `[gpa, gpa+len)` back to what they were: shared except the
+/// `before` private ranges.
+fn restore_private(attrs: &mut Attributes, gpa: u64, len: u64, before: &[(u64, u64)]) {
+    let _ = attrs.set(gpa, len, PageState::Shared);
+    for &(g, l) in before {
+        let (s, e) = (g.max(gpa), (g + l).min(gpa + len));
+        let _ = attrs.set(s, e - s, PageState::Private);
+    }
+}
+
 /// Whether each huge block (of each size in [`MIXED_BLOCKS`]) overlapping
 /// `[gpa, gpa+len)` is mixed, block by block.
 fn mixed_per_block(attrs: &Attributes, gpa: u64, len: u64) -> Vec<Vec<bool>> {
@@ -182,8 +192,10 @@ impl std::fmt::Debug for Observer {
 /// pointer into a private page faults instead of leaking it.
 #[derive(Debug)]
 pub struct GuestMemory {
-    // Field order matters: vm-memory's views (which do not own the mappings) are
-    // dropped before the mappings and backings that own them.
+    // Field order matters: the kernel engine (which holds a VM fd) is dropped first, so
+    // the VM is gone before any mapping it used is unmapped; vm-memory's views (which do
+    // not own the mappings) are dropped before the mappings and backings that own them.
+    kernel: std::sync::OnceLock<crate::engine::KernelEngine>,
     mem: Mem,
     kvm_mem: Mem,
     views: Vec<Option<crate::mapping::Mapping>>,
@@ -294,6 +306,7 @@ impl GuestMemory {
         let ram: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.size)).collect();
         let attrs = RwLock::new(Attributes::new(&ram, PageState::Shared));
         Ok(GuestMemory {
+            kernel: std::sync::OnceLock::new(),
             mem,
             kvm_mem,
             views,
@@ -425,6 +438,54 @@ impl GuestMemory {
         r
     }
 
+    /// Switches this memory to the kernel engine (before any page is private and
+    /// before the memslots are registered: they need the private guest_memfds). Refused
+    /// if pages are private already, the engine does not have one guest_memfd per
+    /// zone, or an engine is set.
+    pub fn set_kernel_engine(&self, engine: crate::engine::KernelEngine) -> Result<(), ConvError> {
+        if engine.zones() != self.layout.zones().len() || self.attrs().private_bytes() > 0 {
+            return Err(ConvError::Unsupported);
+        }
+        self.kernel.set(engine).map_err(|_| ConvError::Unsupported)
+    }
+
+    /// The engine in use.
+    pub fn engine(&self) -> crate::engine::EngineKind {
+        match self.kernel.get() {
+            Some(_) => crate::engine::EngineKind::Kernel,
+            None => crate::engine::EngineKind::Userspace,
+        }
+    }
+
+    /// The kernel engine's private guest_memfd for region `index` (for its memslot),
+    /// with the region's offset in it.
+    pub fn private_memfd(&self, index: usize) -> Option<(RawFd, u64)> {
+        let r = self.regions.get(index)?;
+        self.kernel.get()?.private_fd(r.zone).map(|fd| (fd.as_raw_fd(), r.fd_offset))
+    }
+
+    /// Kernel engine: tells KVM the new attribute of `[gpa, gpa+len)` and discards the
+    /// private copies of the `changing` ranges.
+    fn kernel_convert(
+        &self,
+        k: &crate::engine::KernelEngine,
+        gpa: u64,
+        len: u64,
+        target: PageState,
+        changing: &[(u64, u64)],
+    ) -> Result<(), ConvError> {
+        k.set_private(gpa, len, target == PageState::Private).map_err(|_| ConvError::Unsupported)?;
+        for &(g, l) in changing {
+            for r in self.regions.iter().filter(|r| r.gpa < g + l && g < r.gpa + r.size) {
+                let (s, e) = (g.max(r.gpa), (g + l).min(r.gpa + r.size));
+                // Best effort: a hole that could not be punched still holds the old
+                // private bytes; KVM has switched the page either way.
+                let _ = k.discard(r.zone, r.fd_offset + (s - r.gpa), e - s);
+            }
+        }
+        Ok(())
+    }
+
     /// Sets what runs once, just before the first conversion (the VMM snapshots KVM's
     /// huge-mapping coverage there, to compare with the coverage after). Only the
     /// first call takes effect.
@@ -454,22 +515,33 @@ impl GuestMemory {
             // Private pages need a view that can hide them: anonymous memory has none.
             return Err(ConvError::Unsupported);
         }
+        let kernel = self.kernel.get();
+        if kernel.is_some() && req.mode == ContentMode::Preserve {
+            // Private bytes live in a guest_memfd nobody can map: they cannot move.
+            return Err(ConvError::Unsupported);
+        }
         let before: Vec<(u64, u64)> = attrs.private_ranges_in(req.gpa, len).collect();
         let mixed_before = mixed_per_block(&attrs, req.gpa, len);
-        let scrub = match req.mode {
-            ContentMode::Zero => changing_ranges(&before, req.gpa, len, req.target),
-            ContentMode::Preserve => Vec::new(),
+        let changing = changing_ranges(&before, req.gpa, len, req.target);
+        let scrub = match (req.mode, kernel) {
+            // The kernel engine scrubs the shared side only when pages become shared
+            // (private ones read from the guest_memfd, which is discarded instead).
+            (ContentMode::Zero, Some(_)) if req.target == PageState::Private => Vec::new(),
+            (ContentMode::Zero, _) => changing.clone(),
+            (ContentMode::Preserve, _) => Vec::new(),
         };
         let changed = attrs.set(req.gpa, len, req.target).map_err(|_| ConvError::Range)?;
         if attrs.private_range_count() > MAX_PRIVATE_RANGES {
             // Each private island costs the view up to two memory areas (a process has
             // ~65,530): undo, exactly, and refuse.
-            let _ = attrs.set(req.gpa, len, PageState::Shared);
-            for (g, l) in before {
-                let (s, e) = (g.max(req.gpa), (g + l).min(req.gpa + len));
-                let _ = attrs.set(s, e - s, PageState::Private);
-            }
+            restore_private(&mut attrs, req.gpa, len, &before);
             return Err(ConvError::Unsupported);
+        }
+        if let Some(k) = kernel {
+            if let Err(e) = self.kernel_convert(k, req.gpa, len, req.target, &changing) {
+                restore_private(&mut attrs, req.gpa, len, &before);
+                return Err(e);
+            }
         }
         let mixed_after = mixed_per_block(&attrs, req.gpa, len);
         for (i, (was, now)) in mixed_before.iter().zip(&mixed_after).enumerate() {
@@ -558,7 +630,14 @@ impl GuestMemory {
     /// state of `private=on` zones, applied after the VMM has loaded the guest).
     pub fn make_private(&self, gpa: u64, len: u64) -> Result<u64, AttrError> {
         let mut attrs = self.attrs.write().unwrap_or_else(|e| e.into_inner());
+        let before: Vec<(u64, u64)> = attrs.private_ranges_in(gpa, len).collect();
         let changed = attrs.set(gpa, len, PageState::Private)?;
+        if let Some(k) = self.kernel.get() {
+            if let Err(e) = k.set_private(gpa, len, true) {
+                restore_private(&mut attrs, gpa, len, &before);
+                return Err(AttrError::Kernel(e.to_string()));
+            }
+        }
         self.reprotect(&attrs, gpa, len);
         Ok(changed)
     }
@@ -799,6 +878,78 @@ mod tests {
         m.convert(&decode_port(0, 2048, 0).unwrap()).unwrap();
         assert_eq!(blocks(&m), (3, 3, 1, 1));
         assert_eq!(m.mixed_blocks(crate::PAGE_2M), 0);
+    }
+
+    /// KVM's attributes as a kernel-engine test sees them: every call, and a switch
+    /// that makes the next one fail.
+    #[derive(Default)]
+    struct FakeKvm {
+        calls: std::sync::Mutex<Vec<(u64, u64, bool)>>,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl crate::engine::KernelAttributes for std::sync::Arc<FakeKvm> {
+        fn set_private(&self, gpa: u64, len: u64, private: bool) -> std::io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            self.calls.lock().unwrap().push((gpa, len, private));
+            Ok(())
+        }
+    }
+
+    /// A memfd standing in for a zone's private guest_memfd (it punches the same way).
+    fn private_memfd(size: u64) -> std::os::fd::OwnedFd {
+        crate::backend::tests_memfd(size)
+    }
+
+    fn read_fd(fd: &std::os::fd::OwnedFd, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::from(fd.try_clone().unwrap());
+        let mut b = vec![0; len];
+        f.read_exact_at(&mut b, offset).unwrap();
+        b
+    }
+
+    #[test]
+    fn the_kernel_engine_flips_kvm_attributes_and_discards_private_copies() {
+        use crate::convert::decode_port;
+        use std::os::unix::fs::FileExt;
+        let m = mem(BackendKind::Memfd, &[4 << 20]);
+        let kvm = std::sync::Arc::new(FakeKvm::default());
+        let private = private_memfd(4 << 20);
+        // Old private bytes in the guest_memfd at 1 MiB.
+        std::fs::File::from(private.try_clone().unwrap()).write_all_at(&[0xab; 4096], 0x10_0000).unwrap();
+        let engine = crate::engine::KernelEngine::new(Box::new(kvm.clone()), vec![private.try_clone().unwrap()]);
+        m.set_kernel_engine(engine).unwrap();
+        assert_eq!(m.engine(), crate::engine::EngineKind::Kernel);
+        assert!(m.private_memfd(0).is_some());
+        // PRESERVE is refused, with nothing changed.
+        assert_eq!(m.convert(&decode_port(0x10_0000, 1, 1 | 2).unwrap()), Err(ConvError::Unsupported));
+        assert!(kvm.calls.lock().unwrap().is_empty());
+        assert_eq!(m.state_of(0x10_0000), Some(PageState::Shared));
+        // ZERO to private: KVM told, the private copy discarded (reads as zeros).
+        m.write(0x10_0000, &[0x5a; 4096]).unwrap();
+        assert_eq!(m.convert(&decode_port(0x10_0000, 1, 1).unwrap()), Ok(1));
+        assert_eq!(kvm.calls.lock().unwrap().as_slice(), &[(0x10_0000, 4096, true)]);
+        assert_eq!(read_fd(&private, 0x10_0000, 4096), vec![0; 4096]);
+        assert_eq!(m.state_of(0x10_0000), Some(PageState::Private));
+        // Back to shared with ZERO: the shared side is scrubbed too.
+        assert_eq!(m.convert(&decode_port(0x10_0000, 1, 0).unwrap()), Ok(1));
+        let mut b = [1u8; 4096];
+        m.read(0x10_0000, &mut b).unwrap();
+        assert_eq!(b, [0; 4096]);
+        assert_eq!(kvm.calls.lock().unwrap().last(), Some(&(0x10_0000, 4096, false)));
+        // KVM refuses: the tracker is put back, the guest gets UNSUPPORTED.
+        kvm.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(m.convert(&decode_port(0x20_0000, 16, 1).unwrap()), Err(ConvError::Unsupported));
+        assert_eq!(m.state_of(0x20_0000), Some(PageState::Shared));
+        assert_eq!(m.private_shared_bytes().0, 0);
+        assert!(matches!(m.make_private(0x20_0000, 4096), Err(AttrError::Kernel(_))));
+        assert_eq!(m.state_of(0x20_0000), Some(PageState::Shared));
+        // Only one engine, set before anything is private.
+        let again = crate::engine::KernelEngine::new(Box::new(kvm.clone()), vec![private_memfd(4 << 20)]);
+        assert!(m.set_kernel_engine(again).is_err());
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub enum AttrError {
     /// A snapshot is malformed or does not fit this VM.
     #[error("bad page attribute state: {0}")]
     BadState(String),
+    /// KVM refused the attribute change (kernel engine).
+    #[error("KVM_SET_MEMORY_ATTRIBUTES failed: {0}")]
+    Kernel(String),
 }
 
 /// The serializable form of [`Attributes`], carried across live update.

@@ -567,6 +567,12 @@ fn hugetlb_memfd(size: u64, page: u64) -> Result<OwnedFd, Option<io::Error>> {
     Ok(fd)
 }
 
+/// A plain memfd of `size` bytes (tests stand it in for a guest_memfd).
+#[cfg(test)]
+pub(crate) fn tests_memfd(size: u64) -> OwnedFd {
+    memfd(size).expect("memfd")
+}
+
 fn memfd(size: u64) -> io::Result<OwnedFd> {
     // SAFETY: the name is a valid NUL-terminated string; the result is checked.
     let raw = unsafe { libc::memfd_create(c"mosaic-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };

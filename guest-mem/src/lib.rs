@@ -20,12 +20,14 @@ pub mod attrs;
 pub mod backend;
 pub mod capacity;
 pub mod convert;
+pub mod engine;
 pub mod layout;
 pub mod mapping;
 
 pub use accessor::{AccessError, GuestMemory, GuestRegion};
 pub use attrs::{AttrError, Attributes, PageState};
 pub use backend::{BackendKind, BackendSpec, Backing, Fallback, GmemFactory, Reserve};
+pub use engine::{EngineKind, KernelAttributes, KernelEngine};
 pub use layout::{E820Entry, E820Kind, LayoutError, MemoryLayout, RegionLayout, ZoneSpec};
 
 /// 4 KiB, the base page size.

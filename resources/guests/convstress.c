@@ -77,6 +77,8 @@ int guest_main(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi)
         uint64_t tag = gpa ^ ((uint64_t)n << 40) ^ 0x7a67ull;
         q[0] = tag;
         uint32_t flags = (uint32_t)(r & (CONVERT_PRIVATE | CONVERT_PRESERVE));
+        if (bi->arg & 1) /* --guest-arg 1: ZERO only (the kernel engine has no PRESERVE) */
+            flags &= ~CONVERT_PRESERVE;
         uint32_t st = convert_pages(gpa, 1, flags);
         if (st != CONVERT_OK) {
             fail_line("conversion status", gpa, st);

@@ -98,3 +98,22 @@ fn config_file_runs_a_guest_and_flags_override_it() {
     let out = run_guest(&[&format!("--config={}", cfg.display()), "--vcpus=1"], Duration::from_secs(60));
     assert!(out.serial.contains("guest RAM 96 MiB, 1 vCPUs online"), "serial: {}", out.serial);
 }
+
+#[test]
+fn private_engine_choices() {
+    refused(&["--private-engine=bogus"], "--private-engine", "not userspace or kernel");
+    refused(&["--private-engine=kernel", "--memory=size=64M,backend=gmem"], "--private-engine", "gmem zone");
+    refused(
+        &["--private-engine=kernel", "--kernel=/etc/hostname", "--memory=size=64M,private=on"],
+        "--private-engine",
+        "free RAM of guest programs only",
+    );
+    let hc = host_check();
+    let caps = &hc["kvm"]["caps"];
+    let kernel_ok =
+        caps["memory_attributes"].as_u64().unwrap_or(0) & 8 != 0 && caps["vm_types"].as_u64().unwrap_or(0) & 2 != 0;
+    if !kernel_ok {
+        // This host cannot: the run is refused before anything starts, naming what is missing.
+        refused(&["--private-engine=kernel"], "--private-engine kernel", "KVM_CAP_MEMORY_ATTRIBUTES");
+    }
+}

@@ -115,3 +115,33 @@ fn private_needs_a_backing_with_an_fd() {
     assert_eq!(out.code, Some(2));
     assert!(out.stderr.contains("private=on needs a backend with an fd"), "{}", out.stderr);
 }
+
+#[test]
+fn the_kernel_engine_converts_through_kvm_where_the_host_has_it() {
+    let hc = host_check();
+    let caps = &hc["kvm"]["caps"];
+    let attrs = caps["memory_attributes"].as_u64().unwrap_or(0);
+    let types = caps["vm_types"].as_u64().unwrap_or(0);
+    if attrs & 8 == 0 || types & 2 == 0 {
+        return skip(&format!(
+            "kernel conversion engine: this host's KVM has no private memory attributes (memory_attributes \
+             {attrs:#x}) or no KVM_X86_SW_PROTECTED_VM (vm_types {types:#x})"
+        ));
+    }
+    // convstress with ZERO only (--guest-arg 1): the kernel engine has no PRESERVE.
+    let out = run_guest(
+        &["--guest=convstress", "--guest-arg=1", "--private-engine=kernel", "--memory=size=256M,backend=memfd"],
+        TIMEOUT,
+    );
+    assert_eq!(out.code, Some(0), "stderr: {}\nserial: {}", out.stderr, out.serial);
+    assert!(out.serial.contains("convstress: ok"), "{}", out.serial);
+    let s = out.stats.unwrap();
+    let pm = &s["private_memory"];
+    assert_eq!(pm["engine"], "kernel", "{pm}");
+    assert_eq!(pm["conversions"]["pages_4k"], 10000, "{pm}");
+    let (mixed, uniform) = (
+        pm["conversions"]["blocks_2m"]["became_mixed"].as_u64().unwrap(),
+        pm["conversions"]["blocks_2m"]["became_uniform"].as_u64().unwrap(),
+    );
+    assert_eq!(mixed - uniform, pm["mixed_2m_blocks"].as_u64().unwrap(), "{pm}");
+}

@@ -201,11 +201,17 @@ struct RunArgs {
     /// number of live updates to wait for.
     #[arg(long, value_name = "N")]
     guest_arg: Option<u32>,
+    /// Who enforces private memory (docs/PRIVATE-MEMORY.md): userspace (default, any
+    /// host, ZERO and PRESERVE) or kernel (KVM memory attributes with guest_memfd, on
+    /// hosts that offer them; ZERO only).
+    #[arg(long, value_name = "userspace|kernel")]
+    private_engine: Option<String>,
     /// Take over a running guest from another Mosaic process (live update): listen on
     /// SOCKET for it (`mosaic ctl live-update --incoming SOCKET`). Everything else about
     /// the VM comes from the old process, so no other VM flag may be given.
     #[arg(long, value_name = "SOCKET", conflicts_with_all = [
-        "guest", "kernel", "initramfs", "cmdline", "vcpus", "memory", "serial", "api_socket", "config", "guest_arg"
+        "guest", "kernel", "initramfs", "cmdline", "vcpus", "memory", "serial", "api_socket", "config", "guest_arg",
+        "private_engine"
     ])]
     incoming: Option<String>,
 }
@@ -228,6 +234,7 @@ impl RunArgs {
             stats_json: self.stats_json,
             api_socket: self.api_socket,
             guest_arg: self.guest_arg,
+            private_engine: self.private_engine,
         };
         base.overridden_by(flags).resolve()
     }
@@ -354,6 +361,13 @@ fn cmd_run(args: RunArgs, start: Instant, start_ns: u64) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if plan.engine == guest_mem::EngineKind::Kernel {
+        let caps = vmm::kvm::caps::Caps::probe().unwrap_or_default();
+        if let Err(e) = vmm::preflight::check_engine(plan.engine, &caps) {
+            eprintln!("mosaic: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     // Huge pages are checked (and pools grown) before anything else is built; the
     // reservations are given back when `pre` is dropped, after the VM is gone.
     let pre = match vmm::preflight::run(&plan.layout) {

@@ -14,6 +14,12 @@ use thiserror::Error;
 /// Errors that stop a run before it starts (exit code 2).
 #[derive(Debug, Error)]
 pub enum PreflightError {
+    /// `--private-engine kernel` on a host whose KVM lacks what it needs.
+    #[error("--private-engine kernel: this host's KVM lacks {missing} (mosaic host-check shows what it has); use the userspace engine")]
+    Engine {
+        /// What is missing.
+        missing: String,
+    },
     /// The hugetlb pool is short and the zone has no fallback.
     #[error(
         "--memory: zone {zone}: hugetlb {page} needs {needed} free pages, the pool has {available}; \
@@ -153,6 +159,29 @@ pub struct Preflight {
 
 fn nr_path(root: &Path, page: u64) -> String {
     hugepage::pools::nr_hugepages_path(root, page).display().to_string()
+}
+
+/// Checks that KVM offers what the kernel conversion engine needs: private memory
+/// attributes, the KVM_X86_SW_PROTECTED_VM type, guest_memfd and
+/// KVM_SET_USER_MEMORY_REGION2.
+pub fn check_engine(engine: guest_mem::EngineKind, caps: &crate::kvm::caps::Caps) -> Result<(), PreflightError> {
+    if engine != guest_mem::EngineKind::Kernel {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [
+        (caps.private_attributes(), "KVM_CAP_MEMORY_ATTRIBUTES (private)"),
+        (caps.vm_type(kvm_bindings::KVM_X86_SW_PROTECTED_VM), "the KVM_X86_SW_PROTECTED_VM type"),
+        (caps.guest_memfd, "KVM_CREATE_GUEST_MEMFD"),
+        (caps.user_memory2, "KVM_SET_USER_MEMORY_REGION2"),
+    ]
+    .into_iter()
+    .filter(|(has, _)| !has)
+    .map(|(_, what)| what)
+    .collect();
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(PreflightError::Engine { missing: missing.join(", ") }),
+    }
 }
 
 /// Runs the preflight against the live host.
@@ -336,6 +365,19 @@ pub fn run_at(root: &Path, layout: &MemoryLayout) -> Result<Preflight, Preflight
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_engine_names_what_the_host_lacks() {
+        use crate::kvm::caps::Caps;
+        let none = Caps::default();
+        assert!(check_engine(guest_mem::EngineKind::Userspace, &none).is_ok());
+        let e = check_engine(guest_mem::EngineKind::Kernel, &none).unwrap_err().to_string();
+        assert!(e.contains("KVM_CAP_MEMORY_ATTRIBUTES") && e.contains("SW_PROTECTED"), "{e}");
+        let all = Caps { memory_attributes: 8, vm_types: 0b11, guest_memfd: true, user_memory2: true, ..none };
+        assert!(check_engine(guest_mem::EngineKind::Kernel, &all).is_ok());
+        let e = check_engine(guest_mem::EngineKind::Kernel, &Caps { vm_types: 1, ..all }).unwrap_err().to_string();
+        assert!(e.contains("SW_PROTECTED") && !e.contains("ATTRIBUTES"), "{e}");
+    }
     use guest_mem::{PAGE_1G, PAGE_2M};
 
     struct Sysfs(PathBuf);

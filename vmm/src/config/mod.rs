@@ -11,7 +11,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use guest_mem::{capacity, BackendKind, LayoutError, MemoryLayout};
+use guest_mem::{capacity, BackendKind, EngineKind, LayoutError, MemoryLayout};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -114,6 +114,9 @@ pub enum ConfigError {
     /// A bad `--api-socket`.
     #[error("--api-socket: {0}")]
     ApiSocket(String),
+    /// A bad `--private-engine`.
+    #[error("--private-engine: {0}")]
+    Engine(String),
     /// `--guest-arg` with `--kernel`.
     #[error("--guest-arg is for guest programs, not --kernel")]
     GuestArgWithKernel,
@@ -156,6 +159,9 @@ pub struct VmConfig {
     /// A number for the guest program (boot info `arg`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_arg: Option<u32>,
+    /// The conversion engine: `userspace` (default) or `kernel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_engine: Option<String>,
 }
 
 impl VmConfig {
@@ -170,7 +176,7 @@ impl VmConfig {
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
-        take!(guest, kernel, initramfs, cmdline, vcpus, serial, stats_json, api_socket, guest_arg);
+        take!(guest, kernel, initramfs, cmdline, vcpus, serial, stats_json, api_socket, guest_arg, private_engine);
         if !over.memory.is_empty() {
             self.memory = over.memory;
         }
@@ -189,6 +195,26 @@ impl VmConfig {
             self.memory
         };
         let zones = memory.iter().map(MemoryConfig::to_zone).collect::<Result<Vec<_>, _>>()?;
+        let engine: EngineKind = match self.private_engine.as_deref() {
+            None => EngineKind::Userspace,
+            Some(s) => s.parse().map_err(ConfigError::Engine)?,
+        };
+        if engine == EngineKind::Kernel {
+            if zones.iter().any(|z| z.backend.kind == BackendKind::Gmem) {
+                return Err(ConfigError::Engine(
+                    "the kernel engine keeps private pages in a guest_memfd of its own; a gmem zone cannot be its \
+                     shared side (use memfd, hugetlb or file)"
+                        .into(),
+                ));
+            }
+            if self.kernel.is_some() && zones.iter().any(|z| z.backend.private) {
+                return Err(ConfigError::Engine(
+                    "with the kernel engine, private=on covers the free RAM of guest programs only (private pages \
+                     start zeroed, so a kernel image cannot start private)"
+                        .into(),
+                ));
+            }
+        }
         for z in &zones {
             if let Some(path) = &z.backend.path {
                 writable_backing(path)?;
@@ -262,6 +288,7 @@ impl VmConfig {
             api_socket: self.api_socket,
             guest_arg: self.guest_arg.unwrap_or(0),
             pool_grants: Vec::new(),
+            engine,
         })
     }
 }
@@ -358,6 +385,8 @@ pub struct RunPlan {
     /// Hugetlb pool pages this VM added (reserve=auto), filled in from the preflight:
     /// a live update hands them to the next process, which gives them back.
     pub pool_grants: Vec<crate::preflight::PoolGrant>,
+    /// The conversion engine.
+    pub engine: EngineKind,
 }
 
 #[cfg(test)]

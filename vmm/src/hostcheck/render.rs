@@ -134,7 +134,7 @@ fn kvm_rows(r: &HostReport, rows: &mut Vec<Row>) {
         "memory attributes",
         attrs,
         if c.private_attributes() {
-            "private memory: KVM-enforced (KVM_SET_MEMORY_ATTRIBUTES)"
+            "private memory: KVM-enforced (KVM_SET_MEMORY_ATTRIBUTES, --private-engine kernel)"
         } else {
             "private memory: userspace-enforced only"
         },

@@ -167,7 +167,9 @@ fn native_host_and_capable_kvm() {
     assert!(line(&t, "kernel-mode code").contains("native (cpl3 50 us, cpl0 60 us)"));
     assert!(line(&t, "kernel-mode code").ends_with("Linux guests and CPL0 hypercall exits available"));
     assert!(line(&t, "memory attributes").contains("PRIVATE"));
-    assert!(line(&t, "memory attributes").ends_with("KVM-enforced (KVM_SET_MEMORY_ATTRIBUTES)"));
+    assert!(
+        line(&t, "memory attributes").ends_with("KVM-enforced (KVM_SET_MEMORY_ATTRIBUTES, --private-engine kernel)")
+    );
     assert!(line(&t, "VM types").contains("default, sw_protected"));
     assert!(line(&t, "EXIT_HYPERCALL").contains("guest can request"));
     assert!(line(&t, "shmem THP").contains("thp shared=on gets 2M memfd pages"));

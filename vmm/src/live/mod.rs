@@ -163,6 +163,11 @@ pub struct Source {
 impl Source {
     /// Refuses VMs whose memory cannot be handed over as fds.
     pub fn can_hand_over(&self) -> Result<(), String> {
+        if self.vm.memory().engine() == guest_mem::EngineKind::Kernel {
+            return Err("the kernel conversion engine keeps private pages in guest_memfds, which the kernel binds to \
+                        this VM; a new process cannot adopt them"
+                .into());
+        }
         for (i, z) in self.vm.memory().layout().zones().iter().enumerate() {
             guest_mem::backend::can_hand_over(&z.backend).map_err(|r| format!("memory zone {i}: {r}"))?;
         }

@@ -114,7 +114,7 @@ pub trait StartGate {
 /// Builds the VM of `plan` and loads its guest.
 pub fn build(plan: &RunPlan, start: Instant, start_ns: u64) -> Result<Machine, RunError> {
     let n = plan.vcpus;
-    let vm = Vm::new(plan.layout.clone())?;
+    let vm = Vm::with_engine(plan.layout.clone(), plan.engine)?;
     let mem = vm.memory().clone();
     if matches!(plan.boot, BootSource::Linux(_)) {
         vm.create_pit()?;
@@ -124,6 +124,10 @@ pub fn build(plan: &RunPlan, start: Instant, start_ns: u64) -> Result<Machine, R
     let is_program = matches!(plan.boot, BootSource::Program { .. });
     let devices = Arc::new(Devices::new(serial, start, is_program));
     let vcpus = (0..n).map(|i| vm.create_vcpu(i, n)).collect::<Result<Vec<_>, _>>()?;
+    // With the kernel engine private pages start zeroed (they live in a guest_memfd):
+    // private=on then covers only the free RAM of guest programs, not what was loaded.
+    let mut private_from: Vec<(u64, u64)> =
+        mem.regions().iter().map(|r| (r.gpa.max(PRIVATE_FROM), r.gpa + r.size)).collect();
     let guest = match &plan.boot {
         BootSource::Program { name, image, kernel_mode } => {
             let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
@@ -131,6 +135,9 @@ pub fn build(plan: &RunPlan, start: Instant, start_ns: u64) -> Result<Machine, R
             boot.kernel_mode = *kernel_mode;
             for (i, v) in vcpus.iter().enumerate() {
                 program::configure_vcpu(v, i as u32, &boot)?;
+            }
+            if plan.engine == guest_mem::EngineKind::Kernel {
+                private_from = boot.free.iter().map(|&(g, l)| (g, g + l)).collect();
             }
             name.clone()
         }
@@ -146,10 +153,14 @@ pub fn build(plan: &RunPlan, start: Instant, start_ns: u64) -> Result<Machine, R
     // private=on zones: everything the guest owns (from 2 MiB on; the system area below
     // stays shared) becomes private now that the VMM has loaded what it loads.
     for r in mem.regions() {
-        let end = r.gpa + r.size;
-        let start = r.gpa.max(PRIVATE_FROM);
-        if plan.layout.zones()[r.zone].backend.private && start < end {
-            mem.make_private(start, end - start)?;
+        if !plan.layout.zones()[r.zone].backend.private {
+            continue;
+        }
+        for &(s, e) in &private_from {
+            let (start, end) = (s.max(r.gpa), e.min(r.gpa + r.size));
+            if start < end {
+                mem.make_private(start, end - start)?;
+            }
         }
     }
     Ok(Machine {

@@ -27,6 +27,7 @@ fn one(kernel_mode: bool) -> Result<u64, (bool, String)> {
         api_socket: None,
         guest_arg: 0,
         pool_grants: Vec::new(),
+        engine: Default::default(),
     };
     let start = Instant::now();
     let r = super::execute(&plan, start, super::monotonic_ns(), Some(PROBE_TIMEOUT))

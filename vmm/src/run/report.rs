@@ -125,7 +125,8 @@ impl KvmCoverage {
 /// Private memory at exit (docs/PRIVATE-MEMORY.md).
 #[derive(Debug, Serialize)]
 pub struct PrivateReport {
-    /// The conversion engine: `userspace` (Mosaic enforces the rules).
+    /// The conversion engine: `userspace` (Mosaic enforces the rules) or `kernel`
+    /// (KVM memory attributes and guest_memfd).
     pub engine: &'static str,
     /// Bytes of guest RAM private to the guest.
     pub private_bytes: u64,
@@ -147,7 +148,7 @@ impl PrivateReport {
     pub fn new(mem: &GuestMemory) -> Self {
         let (private_bytes, shared_bytes) = mem.private_shared_bytes();
         PrivateReport {
-            engine: "userspace",
+            engine: mem.engine().name(),
             private_bytes,
             shared_bytes,
             mixed_2m_blocks: mem.mixed_blocks(guest_mem::PAGE_2M),

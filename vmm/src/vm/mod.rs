@@ -4,6 +4,7 @@
 //! in-kernel irqchip is created (KVM_SET_USER_MEMORY_REGION was seen to take
 //! 3-12 ms per call after KVM_CREATE_IRQCHIP).
 
+pub mod attributes;
 pub mod control;
 pub mod cpuid;
 pub mod memslots;
@@ -13,7 +14,7 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use guest_mem::{GmemFactory, GuestMemory, MemoryLayout};
+use guest_mem::{EngineKind, GmemFactory, GuestMemory, KernelEngine, MemoryLayout};
 use kvm_bindings::{kvm_create_guest_memfd, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use thiserror::Error;
@@ -36,6 +37,9 @@ pub enum VmError {
     /// Guest memory could not be built.
     #[error("cannot set up guest memory")]
     Memory(#[from] guest_mem::accessor::BuildError),
+    /// The kernel conversion engine could not be set up.
+    #[error("cannot set up the kernel conversion engine: {0}")]
+    Engine(String),
     /// A memslot could not be registered.
     #[error("cannot register guest memory with KVM")]
     Memslot(#[from] memslots::MemslotError),
@@ -87,21 +91,47 @@ pub struct Vm {
 impl Vm {
     /// Creates a VM, its guest memory and memslots, and the in-kernel irqchip.
     pub fn new(layout: MemoryLayout) -> Result<Self, VmError> {
-        Self::with_memory(|fd, progress| GuestMemory::new(layout, Some(&VmGmem(fd)), Some(progress)))
+        Self::with_engine(layout, EngineKind::Userspace)
+    }
+
+    /// [`Vm::new`] with a conversion engine: for the kernel engine, a
+    /// KVM_X86_SW_PROTECTED_VM whose memslots take private pages from one guest_memfd
+    /// per zone, with KVM's memory attributes deciding which side a page is on.
+    pub fn with_engine(layout: MemoryLayout, engine: EngineKind) -> Result<Self, VmError> {
+        let vm_type = match engine {
+            EngineKind::Userspace => kvm_bindings::KVM_X86_DEFAULT_VM,
+            EngineKind::Kernel => kvm_bindings::KVM_X86_SW_PROTECTED_VM,
+        };
+        Self::build(vm_type, |fd, progress| {
+            let zones: Vec<u64> = layout.zones().iter().map(|z| z.size).collect();
+            let mem = GuestMemory::new(layout, Some(&VmGmem(fd)), Some(progress))?;
+            if engine == EngineKind::Kernel {
+                let gmem = VmGmem(fd);
+                let io = |source: io::Error| VmError::Engine(source.to_string());
+                let fds = zones.iter().map(|&size| gmem.create_guest_memfd(size, 0)).collect::<Result<Vec<_>, _>>();
+                let engine =
+                    KernelEngine::new(Box::new(attributes::VmAttributes::new(fd).map_err(io)?), fds.map_err(io)?);
+                mem.set_kernel_engine(engine).map_err(|e| VmError::Engine(e.to_string()))?;
+            }
+            Ok(mem)
+        })
     }
 
     /// Creates a VM whose memory adopts the zone fds a live update handed over.
     pub fn adopt(layout: MemoryLayout, fds: Vec<OwnedFd>) -> Result<Self, VmError> {
-        Self::with_memory(|_, progress| GuestMemory::adopt(layout, fds, Some(progress)))
+        Self::build(kvm_bindings::KVM_X86_DEFAULT_VM, |_, progress| {
+            Ok(GuestMemory::adopt(layout, fds, Some(progress))?)
+        })
     }
 
-    /// Creates a VM, then its memory with `make` (given the VM fd and a prefault
-    /// progress reporter), registers the memslots and creates the irqchip.
-    fn with_memory(
-        make: impl FnOnce(&VmFd, &(dyn Fn(usize, u64, u64) + Sync)) -> Result<GuestMemory, guest_mem::accessor::BuildError>,
+    /// Creates a VM of `vm_type`, then its memory with `make` (given the VM fd and a
+    /// prefault progress reporter), registers the memslots and creates the irqchip.
+    fn build(
+        vm_type: u32,
+        make: impl FnOnce(&VmFd, &(dyn Fn(usize, u64, u64) + Sync)) -> Result<GuestMemory, VmError>,
     ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let fd = kvm.create_vm_with_type(u64::from(vm_type)).map_err(kvm_err("KVM_CREATE_VM"))?;
         let last_decile = std::sync::atomic::AtomicU64::new(0);
         let progress = |zone: usize, done: u64, total: u64| {
             // Prefaulting a big zone takes seconds: say how far it got, every 10%.
