@@ -19,6 +19,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("convstress", &["crt0.S", "rt.c", "convstress.c"]),
     ("convbench", &["crt0.S", "rt.c", "convbench.c"]),
     ("heartbeat", &["crt0.S", "rt.c", "heartbeat.c"]),
+    ("hypercall", &["crt0.S", "rt.c", "hypercall.c"]),
     ("probe", &["probe.S"]),
 ];
 

@@ -100,6 +100,12 @@ fn config_file_runs_a_guest_and_flags_override_it() {
 }
 
 #[test]
+fn guest_cpl_choices() {
+    refused(&["--guest-cpl=1"], "--guest-cpl", "not 0 or 3");
+    refused(&["--guest-cpl=0", "--kernel=/etc/hostname"], "--guest-cpl", "not --kernel");
+}
+
+#[test]
 fn private_engine_choices() {
     refused(&["--private-engine=bogus"], "--private-engine", "not userspace or kernel");
     refused(&["--private-engine=kernel", "--memory=size=64M,backend=gmem"], "--private-engine", "gmem zone");

@@ -145,3 +145,25 @@ fn the_kernel_engine_converts_through_kvm_where_the_host_has_it() {
     );
     assert_eq!(mixed - uniform, pm["mixed_2m_blocks"].as_u64().unwrap(), "{pm}");
 }
+
+#[test]
+fn hypercalls_convert_pages_where_kernel_mode_code_runs_natively() {
+    let hc = host_check();
+    if hc["kernel_mode"]["native"] != true {
+        return skip(&format!(
+            "KVM_HC_MAP_GPA_RANGE real-guest test: kernel-mode guest code is emulated on this host (host-check \
+             kernel_mode: {}), so CPL0 hypercalls do not reach the VMM",
+            hc["kernel_mode"]
+        ));
+    }
+    if hc["kvm"]["caps"]["exit_hypercall"].as_u64().unwrap_or(0) & (1 << 12) == 0 {
+        return skip(
+            "KVM_HC_MAP_GPA_RANGE real-guest test: this host's KVM does not offer KVM_CAP_EXIT_HYPERCALL for it",
+        );
+    }
+    let out = run_guest(&["--guest=hypercall", "--guest-cpl=0", "--memory=size=64M"], TIMEOUT);
+    assert_eq!(out.code, Some(0), "stderr: {}\nserial: {}", out.stderr, out.serial);
+    assert!(out.serial.contains("hypercall: ok"), "{}", out.serial);
+    let s = out.stats.unwrap();
+    assert_eq!(s["private_memory"]["conversions"]["pages_4k"], 2, "{}", s["private_memory"]);
+}

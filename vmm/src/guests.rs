@@ -14,6 +14,7 @@
 //! | `convstress` | 10,000 random single-page conversions (random target and ZERO/PRESERVE mode, each checked), then everything back to shared and the memtest pattern over all free RAM | `convstress: conversions <n> zero-checks <n> preserve-checks <n> mismatches <n>`, `convstress: memtest bytes <n> checksum 0x<16 hex> mismatches <n>`, `convstress: ok` | 0 ok, 1 otherwise |
 //! | `convert` | private memory (run with `--memory size=...,private=on`): vCPU 0 walks one page through the conversion port and the test DMA device (docs/PRIVATE-MEMORY.md), then with 2+ vCPUs all convert and DMA neighbouring pages at once against a shadow | see below | 0 ok, 1 a failed step, a mismatch or bad layout |
 //! | `heartbeat` | for live-update tests: every vCPU rewrites its share of the free pages cyclically (a pass number, a pass-keyed pattern and a checksum per page) and times the gaps between page writes; vCPU 0 polls the generation port (0x503) every 1 ms and reports each live update's pause and its page rate in the 100 ms after against the 100 ms before; runs until generation `--guest-arg N` (N > 0) or 1 s, then verifies every page | see below | 0 ok, 1 mismatch or bad layout |
+//! | `hypercall` | at CPL0 (`--guest-cpl 0`): converts a page private and back with KVM_HC_MAP_GPA_RANGE hypercalls, checks the DMA device and the contents after each, and that bad requests are refused | `hypercall: step <n> ok`, `hypercall: ok` | 0 ok, 1 a step failed |
 //! | `probe` | for `host-check`: boot marker, 200000-iteration ALU loop, exit 0; CPL0- or CPL3-safe (only mov/add/xor/dec/jnz/out, no stack) | none | 0 |
 //!
 //! `memtest` output (vCPU 0, after all vCPUs are done):
@@ -93,7 +94,7 @@
 
 /// Names of the built-in guest programs, as accepted by [`builtin`].
 pub const NAMES: &[&str] =
-    &["hello", "memtest", "fault", "memlat", "convert", "convstress", "convbench", "heartbeat", "probe"];
+    &["hello", "memtest", "fault", "memlat", "convert", "convstress", "convbench", "heartbeat", "hypercall", "probe"];
 
 static HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 static MEMTEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.elf"));
@@ -103,6 +104,7 @@ static CONVERT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convert.elf"))
 static CONVSTRESS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convstress.elf"));
 static CONVBENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/convbench.elf"));
 static HEARTBEAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.elf"));
+static HYPERCALL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hypercall.elf"));
 static PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
 
 /// Returns the ELF image of the built-in guest program `name` (one of [`NAMES`]),
@@ -117,6 +119,7 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
         "convstress" => Some(CONVSTRESS),
         "convbench" => Some(CONVBENCH),
         "heartbeat" => Some(HEARTBEAT),
+        "hypercall" => Some(HYPERCALL),
         "probe" => Some(PROBE),
         _ => None,
     }

@@ -206,12 +206,17 @@ struct RunArgs {
     /// hosts that offer them; ZERO only).
     #[arg(long, value_name = "userspace|kernel")]
     private_engine: Option<String>,
+    /// Start guest programs at CPL 0 instead of 3 (for guests that make hypercalls;
+    /// only hosts where `mosaic host-check` reports kernel-mode code as native run it
+    /// at full speed).
+    #[arg(long, value_name = "0|3")]
+    guest_cpl: Option<u8>,
     /// Take over a running guest from another Mosaic process (live update): listen on
     /// SOCKET for it (`mosaic ctl live-update --incoming SOCKET`). Everything else about
     /// the VM comes from the old process, so no other VM flag may be given.
     #[arg(long, value_name = "SOCKET", conflicts_with_all = [
         "guest", "kernel", "initramfs", "cmdline", "vcpus", "memory", "serial", "api_socket", "config", "guest_arg",
-        "private_engine"
+        "private_engine", "guest_cpl"
     ])]
     incoming: Option<String>,
 }
@@ -235,6 +240,7 @@ impl RunArgs {
             api_socket: self.api_socket,
             guest_arg: self.guest_arg,
             private_engine: self.private_engine,
+            guest_cpl: self.guest_cpl,
         };
         base.overridden_by(flags).resolve()
     }

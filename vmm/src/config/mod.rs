@@ -114,6 +114,9 @@ pub enum ConfigError {
     /// A bad `--api-socket`.
     #[error("--api-socket: {0}")]
     ApiSocket(String),
+    /// A bad `--guest-cpl`.
+    #[error("--guest-cpl: {0}")]
+    GuestCpl(String),
     /// A bad `--private-engine`.
     #[error("--private-engine: {0}")]
     Engine(String),
@@ -159,6 +162,10 @@ pub struct VmConfig {
     /// A number for the guest program (boot info `arg`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_arg: Option<u32>,
+    /// Privilege level guest programs start at: 3 (default) or 0 (for hypercalls;
+    /// native only where host-check says kernel-mode code is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cpl: Option<u8>,
     /// The conversion engine: `userspace` (default) or `kernel`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_engine: Option<String>,
@@ -176,7 +183,19 @@ impl VmConfig {
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
-        take!(guest, kernel, initramfs, cmdline, vcpus, serial, stats_json, api_socket, guest_arg, private_engine);
+        take!(
+            guest,
+            kernel,
+            initramfs,
+            cmdline,
+            vcpus,
+            serial,
+            stats_json,
+            api_socket,
+            guest_arg,
+            private_engine,
+            guest_cpl
+        );
         if !over.memory.is_empty() {
             self.memory = over.memory;
         }
@@ -225,6 +244,9 @@ impl VmConfig {
         let boot = match (self.guest, self.kernel) {
             (Some(_), Some(_)) => return Err(ConfigError::GuestAndKernel),
             (None, Some(_)) if self.guest_arg.is_some() => return Err(ConfigError::GuestArgWithKernel),
+            (None, Some(_)) if self.guest_cpl.is_some() => {
+                return Err(ConfigError::GuestCpl("is for guest programs, not --kernel".into()))
+            }
             (None, Some(kernel)) => {
                 readable("--kernel", &kernel)?;
                 if let Some(i) = &self.initramfs {
@@ -250,7 +272,15 @@ impl VmConfig {
                         limit: format_size(limit),
                     });
                 }
-                program(guest.as_deref().unwrap_or(DEFAULT_GUEST))?
+                let kernel_mode = match self.guest_cpl {
+                    None | Some(3) => false,
+                    Some(0) => true,
+                    Some(n) => return Err(ConfigError::GuestCpl(format!("{n} is not 0 or 3"))),
+                };
+                match program(guest.as_deref().unwrap_or(DEFAULT_GUEST))? {
+                    BootSource::Program { name, image, .. } => BootSource::Program { name, image, kernel_mode },
+                    other => other,
+                }
             }
         };
         let serial = match self.serial.as_deref() {
