@@ -92,13 +92,6 @@ static struct result results[MOSAIC_MAX_VCPUS];
 static struct barrier barrier;
 static uint32_t stop;          /* set by vCPU 0: finish the page and stop */
 static uint32_t updates;       /* the last generation vCPU 0 read */
-static const char *bad_layout; /* set (atomically) by any vCPU before the first barrier */
-
-static void set_bad_layout(const char *why)
-{
-    __atomic_store_n(&bad_layout, why, __ATOMIC_RELEASE);
-}
-
 /* ---- Pages -------------------------------------------------------------------- */
 
 static __attribute__((noinline)) void write_page(uint64_t gpa, uint64_t pass)
@@ -161,15 +154,6 @@ struct cursor {
     uint64_t gpa;
     uint64_t idx;     /* index in the share */
 };
-
-static uint64_t total_pages(const struct boot_info *bi)
-{
-    uint64_t p = 0;
-
-    for (uint32_t i = 0; i < bi->nr_free; i++)
-        p += bi->free[i].len / PAGE_SIZE;
-    return p;
-}
 
 /* The share of pages [lo, hi) of the concatenated free ranges (lo < hi). */
 static void share_init(struct share *s, const struct boot_info *bi, uint64_t lo, uint64_t hi)
@@ -392,33 +376,6 @@ static void verify(const struct share *s, struct result *r)
 
 /* ---- Layout and report ---------------------------------------------------------- */
 
-/* Sanity checks, so a bad layout fails cleanly instead of overwriting this program. */
-static void check_layout(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi)
-{
-    uint64_t sp = (uint64_t)__builtin_frame_address(0);
-
-    if (vcpu == 0) {
-        if (!boot_info_valid(bi)) {
-            set_bad_layout("invalid boot info");
-            return;
-        }
-        if (nvcpus > MOSAIC_MAX_VCPUS) {
-            set_bad_layout("too many vcpus");
-            return;
-        }
-        if (free_overlaps(bi, 0, (uint64_t)__image_end)) {
-            set_bad_layout("free range overlaps the system area or image");
-            return;
-        }
-        if (total_pages(bi) < nvcpus) {
-            set_bad_layout("fewer free pages than vcpus");
-            return;
-        }
-    }
-    if (boot_info_valid(bi) && free_overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
-        set_bad_layout("free range overlaps a vcpu stack");
-}
-
 static bool print_report(uint32_t nvcpus, const struct boot_info *bi)
 {
     uint64_t passes = 0, max_gap = 0;
@@ -435,7 +392,7 @@ static bool print_report(uint32_t nvcpus, const struct boot_info *bi)
     print_str("heartbeat: vcpus ");
     print_u64(nvcpus);
     print_str(" bytes ");
-    print_u64(total_pages(bi) * PAGE_SIZE);
+    print_u64(free_pages(bi) * PAGE_SIZE);
     print_str(" passes ");
     print_u64(passes);
     print_str(" updates ");
@@ -467,22 +424,15 @@ static bool print_report(uint32_t nvcpus, const struct boot_info *bi)
 int guest_main(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi)
 {
     boot_marker();
-    check_layout(vcpu, nvcpus, bi);
+    layout_check(vcpu, nvcpus, bi, true);
     barrier_wait(&barrier, nvcpus);
-    if (__atomic_load_n(&bad_layout, __ATOMIC_ACQUIRE)) {
-        if (vcpu != 0)
-            return 0;
-        console_lock();
-        print_str("heartbeat: bad layout: ");
-        print_str(__atomic_load_n(&bad_layout, __ATOMIC_ACQUIRE));
-        print_str("\nheartbeat: FAIL\n");
-        console_unlock();
-        return 1;
-    }
+    int bad = layout_exit(vcpu, "heartbeat");
+    if (bad >= 0)
+        return bad;
 
     struct result *r = &results[vcpu];
     struct share s;
-    uint64_t total = total_pages(bi);
+    uint64_t total = free_pages(bi);
 
     share_init(&s, bi, vcpu * total / nvcpus, (vcpu + 1) * total / nvcpus);
     run(vcpu, &s, bi, r);

@@ -45,13 +45,6 @@ struct result {
 
 static struct result results[MOSAIC_MAX_VCPUS];
 static struct barrier barrier;
-static const char *bad_layout; /* set (atomically) by any vCPU before the first barrier */
-
-static void set_bad_layout(const char *why)
-{
-    __atomic_store_n(&bad_layout, why, __ATOMIC_RELEASE);
-}
-
 /* Writes the pattern to every qword of [start, end). */
 static __attribute__((noinline)) void write_span(uint64_t start, uint64_t end)
 {
@@ -86,15 +79,6 @@ static __attribute__((noinline)) void check_span(uint64_t start, uint64_t end, s
     r->mismatches += bad;
 }
 
-static uint64_t total_pages(const struct boot_info *bi)
-{
-    uint64_t p = 0;
-
-    for (uint32_t i = 0; i < bi->nr_free; i++)
-        p += bi->free[i].len / PAGE_SIZE;
-    return p;
-}
-
 /* Calls write_span (check == NULL) or check_span over the pages [lo, hi) of the
  * concatenated free ranges. */
 static void for_share(const struct boot_info *bi, uint64_t lo, uint64_t hi, struct result *check)
@@ -118,29 +102,6 @@ static void for_share(const struct boot_info *bi, uint64_t lo, uint64_t hi, stru
     }
 }
 
-
-/* Sanity checks, so a bad layout fails cleanly instead of overwriting this program. */
-static void check_layout(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi)
-{
-    uint64_t sp = (uint64_t)__builtin_frame_address(0);
-
-    if (vcpu == 0) {
-        if (!boot_info_valid(bi)) {
-            set_bad_layout("invalid boot info");
-            return;
-        }
-        if (nvcpus > MOSAIC_MAX_VCPUS) {
-            set_bad_layout("too many vcpus");
-            return;
-        }
-        if (free_overlaps(bi, 0, (uint64_t)__image_end)) {
-            set_bad_layout("free range overlaps the system area or image");
-            return;
-        }
-    }
-    if (boot_info_valid(bi) && free_overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
-        set_bad_layout("free range overlaps a vcpu stack");
-}
 
 static void print_report(uint32_t nvcpus, const struct boot_info *bi)
 {
@@ -202,21 +163,14 @@ static void print_report(uint32_t nvcpus, const struct boot_info *bi)
 int guest_main(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi)
 {
     boot_marker();
-    check_layout(vcpu, nvcpus, bi);
+    layout_check(vcpu, nvcpus, bi, false);
     barrier_wait(&barrier, nvcpus);
-    if (__atomic_load_n(&bad_layout, __ATOMIC_ACQUIRE)) {
-        if (vcpu != 0)
-            return 0;
-        console_lock();
-        print_str("memtest: bad layout: ");
-        print_str(__atomic_load_n(&bad_layout, __ATOMIC_ACQUIRE));
-        print_str("\nmemtest: FAIL\n");
-        console_unlock();
-        return 1;
-    }
+    int bad = layout_exit(vcpu, "memtest");
+    if (bad >= 0)
+        return bad;
 
     struct result *r = &results[vcpu];
-    uint64_t total = total_pages(bi);
+    uint64_t total = free_pages(bi);
     uint64_t lo = vcpu * total / nvcpus, hi = (vcpu + 1) * total / nvcpus;
 
     r->pages = hi - lo;

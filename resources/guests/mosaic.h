@@ -180,6 +180,19 @@ void print_hex_pad(uint64_t v, unsigned digits); /* lowercase, zero-padded */
 /* True if magic, version and nr_free are sane. */
 bool boot_info_valid(const struct boot_info *bi);
 
+/* Number of 4 KiB pages in all free ranges. */
+uint64_t free_pages(const struct boot_info *bi);
+
+/* The layout checks of programs that split the free pages among vCPUs: every vCPU
+ * calls layout_check() before its first barrier (vCPU 0 checks boot info, the vCPU
+ * count, free ranges over the system area or image and, with need_page_per_vcpu, at
+ * least one free page per vCPU; every vCPU checks that no free range covers its
+ * stack); after the barrier, layout_exit() returns -1 if all was well, else prints
+ * (vCPU 0) "<prog>: bad layout: <reason>" and "<prog>: FAIL" and returns the exit
+ * code (1 on vCPU 0, 0 on the others). */
+void layout_check(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi, bool need_page_per_vcpu);
+int layout_exit(uint32_t vcpu, const char *prog);
+
 /* ---- Atomics and synchronisation -------------------------------------------- */
 
 static inline uint32_t atomic_load32(const uint32_t *p)

@@ -83,6 +83,69 @@ bool boot_info_valid(const struct boot_info *bi)
            bi->nr_free <= MOSAIC_MAX_FREE;
 }
 
+uint64_t free_pages(const struct boot_info *bi)
+{
+    uint64_t p = 0;
+
+    for (uint32_t i = 0; i < bi->nr_free; i++)
+        p += bi->free[i].len / PAGE_SIZE;
+    return p;
+}
+
+static const char *layout_error; /* set (atomically) by any vCPU before the first barrier */
+
+static void layout_fail(const char *why)
+{
+    __atomic_store_n(&layout_error, why, __ATOMIC_RELEASE);
+}
+
+/* noinline: its frame is on the calling vCPU's stack, which the check needs. */
+__attribute__((noinline)) void layout_check(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi,
+                                            bool need_page_per_vcpu)
+{
+    uint64_t sp = (uint64_t)__builtin_frame_address(0);
+
+    if (vcpu == 0) {
+        if (!boot_info_valid(bi)) {
+            layout_fail("invalid boot info");
+            return;
+        }
+        if (nvcpus > MOSAIC_MAX_VCPUS) {
+            layout_fail("too many vcpus");
+            return;
+        }
+        if (free_overlaps(bi, 0, (uint64_t)__image_end)) {
+            layout_fail("free range overlaps the system area or image");
+            return;
+        }
+        if (need_page_per_vcpu && free_pages(bi) < nvcpus) {
+            layout_fail("fewer free pages than vcpus");
+            return;
+        }
+    }
+    if (boot_info_valid(bi) && free_overlaps(bi, sp - 4096, sp + 8)) /* up to the saved RBP */
+        layout_fail("free range overlaps a vcpu stack");
+}
+
+int layout_exit(uint32_t vcpu, const char *prog)
+{
+    const char *why = __atomic_load_n(&layout_error, __ATOMIC_ACQUIRE);
+
+    if (!why)
+        return -1;
+    if (vcpu != 0)
+        return 0;
+    console_lock();
+    print_str(prog);
+    print_str(": bad layout: ");
+    print_str(why);
+    print_str("\n");
+    print_str(prog);
+    print_str(": FAIL\n");
+    console_unlock();
+    return 1;
+}
+
 /* ---- Synchronisation -------------------------------------------------------- */
 
 void spin_lock(struct spinlock *l)

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Launch a microVM and run it to the end; exits with the guest's exit code.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what this host can do for Mosaic.
     HostCheck {
         /// Print JSON instead of a table.
@@ -426,7 +426,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => cmd_run(args, start, start_ns),
+        Command::Run(args) => cmd_run(*args, start, start_ns),
         Command::HostCheck { json } => cmd_host_check(json),
         Command::Ctl(args) => cmd_ctl(args),
     }
