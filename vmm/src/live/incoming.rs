@@ -23,6 +23,7 @@ use crate::devices::serial::{Serial, COM1_IRQ};
 use crate::devices::Devices;
 use crate::run::{monotonic_ns, Machine};
 use crate::state::format::{self, StateV2};
+use crate::state::vcpu::CpuidEntry;
 use crate::vm::Vm;
 
 /// How long to wait for the Hello once connected.
@@ -157,7 +158,7 @@ fn prepare(hello: &Hello, zones: Vec<OwnedFd>, console: Option<OwnedFd>) -> Resu
 
 /// Puts `state` into the prepared machine. Everything is checked against the Hello
 /// first; parked vCPUs become `None`.
-fn restore(m: &mut Machine, hello: &Hello, state: StateV2) -> Result<(), LiveError> {
+fn restore(m: &mut Machine, hello: &Hello, state: StateV2, cpuids: &[Vec<CpuidEntry>]) -> Result<(), LiveError> {
     let err = |e: &dyn std::error::Error| LiveError::Restore(crate::error_chain(e));
     if state.layout != hello.layout {
         return Err(LiveError::Restore("the state's memory layout differs from the Hello's".into()));
@@ -170,13 +171,13 @@ fn restore(m: &mut Machine, hello: &Hello, state: StateV2) -> Result<(), LiveErr
         )));
     }
     crate::state::vm::restore(m.vm.fd(), &state.vm).map_err(|e| err(&e))?;
-    for (slot, entry) in m.vcpus.iter_mut().zip(state.vcpus) {
+    for ((slot, entry), cpuid) in m.vcpus.iter_mut().zip(state.vcpus).zip(cpuids) {
         if entry.kvm.is_none() {
             *slot = None;
             continue;
         }
         let Some((vcpu, ports)) = slot.as_mut() else { continue };
-        *ports = crate::state::vcpu::restore_entry(vcpu, entry, state.captured_ns).map_err(|e| err(&e))?;
+        *ports = crate::state::vcpu::restore_entry(vcpu, entry, state.captured_ns, Some(cpuid)).map_err(|e| err(&e))?;
     }
     m.devices.restore(&state.devices);
     m.vm.memory().restore_attrs(&state.attrs).map_err(|e| err(&e))?;
@@ -232,6 +233,13 @@ fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), Liv
     die_at("fds-received");
     let fds = check_hello(&hello, fds)?;
     let mut machine = prepare(&hello, fds.zones, fds.console)?;
+    // Read now, while the guest still runs: restore skips KVM_SET_CPUID2 where the
+    // state's CPUID is what the new vCPU already has.
+    let cpuids: Vec<Vec<CpuidEntry>> = machine
+        .vcpus
+        .iter()
+        .map(|v| v.as_ref().and_then(|(v, _)| crate::state::vcpu::current_cpuid(v).ok()).unwrap_or_default())
+        .collect();
     ch.send(&Message::Prepared { pid: std::process::id() }, &[])?;
 
     set(ch, STEP_TIMEOUT)?;
@@ -245,7 +253,7 @@ fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), Liv
         m => return Err(LiveError::Protocol(format!("expected State, got {}", m.name()))),
     };
     let state = format::decode_state(&frame, MAX_MESSAGE).map_err(LiveError::Refused)?;
-    restore(&mut machine, &hello, state)?;
+    restore(&mut machine, &hello, state, &cpuids)?;
     let restored_ns = monotonic_ns();
     die_at("restored");
     ch.send(&Message::Ready { received_ns, restored_ns }, &[])?;

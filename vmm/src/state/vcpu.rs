@@ -323,6 +323,18 @@ impl CaptureCaps {
     }
 }
 
+/// The vCPU's CPUID as KVM reports it (KVM_GET_CPUID2), in the form captures record.
+pub fn current_cpuid(vcpu: &VcpuFd) -> Result<Vec<CpuidEntry>, StateError> {
+    let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?;
+    Ok(cpuid
+        .as_slice()
+        .iter()
+        // Unused slots after the valid entries (leaf 0 always reports a nonzero EAX).
+        .filter(|e| !(e.function == 0 && e.index == 0 && e.flags == 0 && e.eax == 0))
+        .map(CpuidEntry::from)
+        .collect())
+}
+
 /// Captures the state of `vcpu`, which must not be running (its thread is outside
 /// KVM_RUN, e.g. paused). `kvm` supplies the MSR index list and capabilities.
 pub fn capture(vcpu: &VcpuFd, kvm: &Kvm) -> Result<VcpuState, StateError> {
@@ -347,14 +359,7 @@ pub fn capture_with(vcpu: &VcpuFd, caps: &CaptureCaps) -> Result<VcpuState, Stat
     let debug_regs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
     let lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k != 0);
-    let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?;
-    let cpuid = cpuid
-        .as_slice()
-        .iter()
-        // Unused slots after the valid entries (leaf 0 always reports a nonzero EAX).
-        .filter(|e| !(e.function == 0 && e.index == 0 && e.flags == 0 && e.eax == 0))
-        .map(CpuidEntry::from)
-        .collect();
+    let cpuid = current_cpuid(vcpu)?;
     let (msrs, msrs_unreadable) = read_msrs(vcpu, &msr_indices(vcpu, &caps.msr_index_list)?)?;
     // Last: the GETs above may settle pending events.
     let vcpu_events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
@@ -439,16 +444,26 @@ fn tsc_differs(a: u32, b: u32) -> bool {
 /// Restores `s` into `vcpu`, a vCPU that has not run yet, of a VM with an in-kernel
 /// irqchip; no other vCPU of the VM may be running. See the module docs for the order.
 pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+    restore_with(vcpu, s, None)
+}
+
+/// [`restore`], skipping KVM_SET_CPUID2 when `current_cpuid` (what
+/// [`current_cpuid`] read from this vCPU beforehand) is already the state's CPUID:
+/// a live update to the same host usually finds it so, and the ioctl is the slowest
+/// of a restore.
+pub fn restore_with(vcpu: &VcpuFd, s: &VcpuState, current_cpuid: Option<&[CpuidEntry]>) -> Result<(), StateError> {
     if let Some(khz) = s.tsc_khz {
         let now = vcpu.get_tsc_khz().ok();
         if now.is_none_or(|n| tsc_differs(n, khz)) {
             vcpu.set_tsc_khz(khz).map_err(kvm_err("KVM_SET_TSC_KHZ"))?;
         }
     }
-    let entries: Vec<kvm_cpuid_entry2> = s.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
-    let cpuid =
-        CpuId::from_entries(&entries).map_err(|_| StateError::TooManyEntries { what: "CPUID", len: entries.len() })?;
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    if current_cpuid != Some(s.cpuid.as_slice()) {
+        let entries: Vec<kvm_cpuid_entry2> = s.cpuid.iter().map(kvm_cpuid_entry2::from).collect();
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|_| StateError::TooManyEntries { what: "CPUID", len: entries.len() })?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    }
     vcpu.set_mp_state(s.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
     vcpu.set_sregs(&s.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     vcpu.set_regs(&s.regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -489,6 +504,7 @@ pub fn restore_entry(
     vcpu: &VcpuFd,
     mut entry: super::format::VcpuEntry,
     captured_ns: u64,
+    current_cpuid: Option<&[CpuidEntry]>,
 ) -> Result<crate::devices::paravirt::VcpuPorts, StateError> {
     let Some(kvm) = entry.kvm.as_mut() else { return Ok(entry.ports) };
     if entry.tsc_offset.is_none() {
@@ -499,7 +515,7 @@ pub fn restore_entry(
             msr.data = msr.data.wrapping_add(ticks);
         }
     }
-    restore(vcpu, kvm)?;
+    restore_with(vcpu, kvm, current_cpuid)?;
     if let Some(off) = entry.tsc_offset {
         set_tsc_offset(vcpu, off)?;
     }
