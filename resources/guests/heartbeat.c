@@ -406,15 +406,7 @@ static bool print_report(uint32_t nvcpus, const struct boot_info *bi)
     for (uint32_t i = 0; i < nvcpus; i++) {
         if (!results[i].mismatches)
             continue;
-        print_str("heartbeat: vcpu ");
-        print_u64(i);
-        print_str(" first mismatch at 0x");
-        print_hex(results[i].bad_addr);
-        print_str(" read 0x");
-        print_hex_pad(results[i].bad_value, 16);
-        print_str(" expected 0x");
-        print_hex_pad(results[i].bad_expected, 16);
-        print_char('\n');
+        print_mismatch("heartbeat", i, results[i].bad_addr, results[i].bad_value, results[i].bad_expected);
     }
     print_str(fail ? "heartbeat: FAIL\n" : "heartbeat: ok\n");
     console_unlock();

@@ -146,15 +146,7 @@ static void print_report(uint32_t nvcpus, const struct boot_info *bi)
     for (uint32_t i = 0; i < nvcpus; i++) {
         if (!results[i].mismatches)
             continue;
-        print_str("memtest: vcpu ");
-        print_u64(i);
-        print_str(" first mismatch at 0x");
-        print_hex(results[i].bad_addr);
-        print_str(" read 0x");
-        print_hex_pad(results[i].bad_value, 16);
-        print_str(" expected 0x");
-        print_hex_pad(pattern(results[i].bad_addr), 16);
-        print_char('\n');
+        print_mismatch("memtest", i, results[i].bad_addr, results[i].bad_value, pattern(results[i].bad_addr));
     }
     print_str(mismatches ? "memtest: FAIL\n" : "memtest: ok\n");
     console_unlock();

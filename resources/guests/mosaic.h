@@ -193,6 +193,9 @@ uint64_t free_pages(const struct boot_info *bi);
 void layout_check(uint32_t vcpu, uint32_t nvcpus, const struct boot_info *bi, bool need_page_per_vcpu);
 int layout_exit(uint32_t vcpu, const char *prog);
 
+/* Prints "<prog>: vcpu <i> first mismatch at 0x<hex> read 0x<16 hex> expected 0x<16 hex>". */
+void print_mismatch(const char *prog, uint32_t vcpu, uint64_t addr, uint64_t read, uint64_t expected);
+
 /* ---- Atomics and synchronisation -------------------------------------------- */
 
 static inline uint32_t atomic_load32(const uint32_t *p)

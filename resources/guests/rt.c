@@ -146,6 +146,20 @@ int layout_exit(uint32_t vcpu, const char *prog)
     return 1;
 }
 
+void print_mismatch(const char *prog, uint32_t vcpu, uint64_t addr, uint64_t read, uint64_t expected)
+{
+    print_str(prog);
+    print_str(": vcpu ");
+    print_u64(vcpu);
+    print_str(" first mismatch at 0x");
+    print_hex(addr);
+    print_str(" read 0x");
+    print_hex_pad(read, 16);
+    print_str(" expected 0x");
+    print_hex_pad(expected, 16);
+    print_char('\n');
+}
+
 /* ---- Synchronisation -------------------------------------------------------- */
 
 void spin_lock(struct spinlock *l)
