@@ -83,6 +83,18 @@ pub struct Output {
     pub stats: Option<Value>,
 }
 
+/// Waits until `path` exists (a socket a VMM creates), up to `timeout`; whether it does.
+pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+    let t = Instant::now();
+    while !path.exists() {
+        if t.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 /// Appends one line per KVM guest run to `$MOSAIC_GUEST_LOG` (CI counts them).
 pub fn log_guest(args: &[String]) {
     if let Some(p) = std::env::var_os("MOSAIC_GUEST_LOG") {

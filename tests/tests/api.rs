@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mosaic_tests::*;
 
@@ -23,11 +23,7 @@ fn start(sock: &Path, stats: &Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "socket never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(wait_for_path(sock, Duration::from_secs(20)), "socket never appeared");
     child
 }
 

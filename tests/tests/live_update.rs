@@ -44,11 +44,8 @@ impl LiveVm {
             .stderr(File::create(dir.path("stderr.txt")).unwrap())
             .spawn()
             .unwrap();
-        let t = Instant::now();
-        while !sock.exists() {
-            assert!(t.elapsed() < Duration::from_secs(30), "socket never appeared: {}", read(&dir.path("stderr.txt")));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let up = wait_for_path(&sock, Duration::from_secs(30));
+        assert!(up, "socket never appeared: {}", read(&dir.path("stderr.txt")));
         let pid = first.id();
         LiveVm { dir, sock, first, pids: vec![pid] }
     }
@@ -215,11 +212,7 @@ fn incoming(sock: &Path, env: &[(&str, &str)], dir: &Scratch, tag: &str) -> Chil
         .stderr(File::create(dir.path(&format!("{tag}.stderr"))).unwrap())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "--incoming socket never appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(wait_for_path(sock, Duration::from_secs(10)), "--incoming socket never appeared");
     child
 }
 
