@@ -277,10 +277,7 @@ impl VmConfig {
                     Some(0) => true,
                     Some(n) => return Err(ConfigError::GuestCpl(format!("{n} is not 0 or 3"))),
                 };
-                match program(guest.as_deref().unwrap_or(DEFAULT_GUEST))? {
-                    BootSource::Program { name, image, .. } => BootSource::Program { name, image, kernel_mode },
-                    other => other,
-                }
+                program(guest.as_deref().unwrap_or(DEFAULT_GUEST), kernel_mode)?
             }
         };
         let serial = match self.serial.as_deref() {
@@ -342,7 +339,7 @@ fn writable_backing(path: &Path) -> Result<(), ConfigError> {
     }
 }
 
-fn program(name: &str) -> Result<BootSource, ConfigError> {
+fn program(name: &str, kernel_mode: bool) -> Result<BootSource, ConfigError> {
     let image = match crate::guests::builtin(name) {
         Some(b) => b.to_vec(),
         None => {
@@ -355,7 +352,7 @@ fn program(name: &str) -> Result<BootSource, ConfigError> {
     };
     elf::parse(&image, crate::boot::program::layout::IMAGE_START)
         .map_err(|source| ConfigError::GuestImage { name: name.into(), source })?;
-    Ok(BootSource::Program { name: name.into(), image, kernel_mode: false })
+    Ok(BootSource::Program { name: name.into(), image, kernel_mode })
 }
 
 /// Refuses more RAM-backed guest memory than `MemAvailable`.

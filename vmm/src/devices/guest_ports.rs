@@ -57,12 +57,7 @@ impl GuestPorts {
     /// (low 32 bits); the others read as all ones.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         match port {
-            GENERATION_PORT => {
-                let b = (self.generation() as u32).to_le_bytes();
-                for (i, d) in data.iter_mut().enumerate() {
-                    *d = b.get(i).copied().unwrap_or(0);
-                }
-            }
+            GENERATION_PORT => super::put_u32(data, self.generation() as u32),
             _ => data.fill(0xff),
         }
     }

@@ -15,6 +15,15 @@ use std::time::Instant;
 pub use guest_ports::{GuestPorts, EXCEPTION_PORT, EXIT_PORT};
 pub use serial::{SerialError, SerialOutput};
 
+/// Answers an `in` of `data.len()` bytes with the 32-bit register value `v`
+/// (little-endian; bytes past the fourth read as 0).
+pub(crate) fn put_u32(data: &mut [u8], v: u32) {
+    let b = v.to_le_bytes();
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = b.get(i).copied().unwrap_or(0);
+    }
+}
+
 /// What a port access asks of the vCPU loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoAction {

@@ -134,10 +134,7 @@ impl VcpuPorts {
             DMA_DOORBELL => self.dma_status,
             _ => 0,
         };
-        let b = v.to_le_bytes();
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = b.get(i).copied().unwrap_or(0);
-        }
+        super::put_u32(data, v);
     }
 
     fn convert(&self, flags: u32, mem: &GuestMemory) -> u32 {

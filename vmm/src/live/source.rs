@@ -86,10 +86,10 @@ fn expect(ch: &mut Channel, want: &'static str) -> Result<Message, LiveError> {
     }
 }
 
-/// Runs a live update; on any failure before the commit the guest runs on here.
+/// Runs a live update (a [`Job`] is only made once `Source::can_hand_over` has
+/// passed); on any failure before the commit the guest runs on here.
 pub fn update(job: &Job) -> Result<Report, LiveError> {
     let src = &*job.source;
-    src.can_hand_over().map_err(LiveError::NotHandable)?;
     let t_start = monotonic_ns();
     let mem = src.vm.memory();
     let zone_fds: Vec<OwnedFd> = (0..mem.layout().zones().len())

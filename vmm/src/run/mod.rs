@@ -249,7 +249,7 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
     let mut handles = Vec::with_capacity(vcpus.len());
     for (i, v) in vcpus.into_iter().enumerate() {
         let Some((v, ports)) = v else {
-            ctl.mark_parked();
+            ctl.park();
             continue;
         };
         match vcpu::spawn(i as u32, v, ports, shared.clone()) {

@@ -266,11 +266,6 @@ impl RunControl {
         }
     }
 
-    /// Marks a vCPU as parked without a thread (a live update restored it parked).
-    pub fn mark_parked(&self) {
-        self.park();
-    }
-
     /// Holds vCPU threads that have not run yet: they wait until [`RunControl::resume`].
     pub fn hold(&self) {
         self.pause_requested.store(true, Ordering::SeqCst);
