@@ -22,8 +22,8 @@ use crate::devices::paravirt::VcpuPorts;
 use crate::devices::serial::{Serial, COM1_IRQ};
 use crate::devices::Devices;
 use crate::run::{monotonic_ns, Machine};
-use crate::state::format::{self, StateV2};
-use crate::state::vcpu::CpuidEntry;
+use crate::state::format::{self, StateV2, VcpuEntry};
+use crate::vm::handoff::Handoff;
 use crate::vm::Vm;
 
 /// How long to wait for the Hello once connected.
@@ -156,37 +156,32 @@ fn prepare(hello: &Hello, zones: Vec<OwnedFd>, console: Option<OwnedFd>) -> Resu
     })
 }
 
-/// Puts `state` into the prepared machine. Everything is checked against the Hello
-/// first; parked vCPUs become `None`.
-fn restore(m: &mut Machine, hello: &Hello, state: StateV2, cpuids: &[Vec<CpuidEntry>]) -> Result<(), LiveError> {
+/// Checks `state` against the Hello and puts its VM-wide part (KVM VM state, devices,
+/// page attributes) into the prepared machine; the vCPU entries are returned for the
+/// vCPU threads to restore.
+fn restore_vm(gate: &CommitGate, state: StateV2) -> Result<(Vec<VcpuEntry>, u64), LiveError> {
     let err = |e: &dyn std::error::Error| LiveError::Restore(crate::error_chain(e));
-    if state.layout != hello.layout {
+    if state.layout != gate.layout {
         return Err(LiveError::Restore("the state's memory layout differs from the Hello's".into()));
     }
-    if state.vcpus.len() != m.vcpus.len() {
+    if state.vcpus.len() != gate.vcpus as usize {
         return Err(LiveError::Restore(format!(
             "the state holds {} vCPUs, the Hello announced {}",
             state.vcpus.len(),
-            m.vcpus.len()
+            gate.vcpus
         )));
     }
-    crate::state::vm::restore(m.vm.fd(), &state.vm).map_err(|e| err(&e))?;
-    for ((slot, entry), cpuid) in m.vcpus.iter_mut().zip(state.vcpus).zip(cpuids) {
-        if entry.kvm.is_none() {
-            *slot = None;
-            continue;
-        }
-        let Some((vcpu, ports)) = slot.as_mut() else { continue };
-        *ports = crate::state::vcpu::restore_entry(vcpu, entry, state.captured_ns, Some(cpuid)).map_err(|e| err(&e))?;
-    }
-    m.devices.restore(&state.devices);
-    m.vm.memory().restore_attrs(&state.attrs).map_err(|e| err(&e))?;
-    Ok(())
+    crate::state::vm::restore(gate.vm.fd(), &state.vm).map_err(|e| err(&e))?;
+    crate::live::trace::mark("vm_restored");
+    gate.devices.restore(&state.devices);
+    gate.vm.memory().restore_attrs(&state.attrs).map_err(|e| err(&e))?;
+    crate::live::trace::mark("devices_restored");
+    Ok((state.vcpus, state.captured_ns))
 }
 
 /// What an incoming process runs, once committed to.
 pub struct Adopted {
-    /// The restored machine.
+    /// The prepared machine; its state comes through the gate.
     pub machine: Machine,
     /// The API socket handed over.
     pub api: Option<crate::api::ApiSocket>,
@@ -194,14 +189,14 @@ pub struct Adopted {
     pub zones: serde_json::Value,
     /// What else crossed.
     pub info: HandoverInfo,
-    /// Awaits the commit (the vCPU threads are started meanwhile) and confirms that
-    /// the vCPUs run.
+    /// Receives and restores the state once the vCPU threads are started, then
+    /// awaits the commit.
     pub gate: CommitGate,
 }
 
-/// Receives a VM: Hello, prepare, state, restore, Ready; the commit is awaited by the
-/// [`CommitGate`] once the vCPU threads are started. On failure, the old process is
-/// told (Failed) and keeps the guest.
+/// Receives a VM: Hello and prepare. The state, the restore, Ready and the commit
+/// follow in the [`CommitGate`], once the vCPU threads are started. On failure, the
+/// old process is told (Failed) and keeps the guest.
 pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
     let mut ch = open(incoming)?;
     let result = receive_on(&mut ch);
@@ -212,7 +207,14 @@ pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
                 (Some(path), Some(fd)) => Some(crate::api::ApiSocket::Inherited { path, fd }),
                 _ => None,
             };
-            let gate = CommitGate { channel: ch, committed: Default::default() };
+            let gate = CommitGate {
+                channel: ch,
+                committed: Default::default(),
+                layout: hello.layout,
+                vcpus: hello.vcpus,
+                vm: machine.vm.clone(),
+                devices: machine.devices.clone(),
+            };
             Ok(Adopted { machine, api, zones, info: hello.info, gate })
         }
         Err(e) => {
@@ -223,8 +225,7 @@ pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
 }
 
 fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), LiveError> {
-    let set = |ch: &Channel, t| ch.set_timeout(t).map_err(|e| LiveError::Channel(e.to_string()));
-    set(ch, HELLO_TIMEOUT)?;
+    ch.set_timeout(HELLO_TIMEOUT).map_err(|e| LiveError::Channel(e.to_string()))?;
     let (msg, fds) = ch.recv(None)?;
     let hello = match msg {
         Message::Hello(h) => *h,
@@ -232,39 +233,21 @@ fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), Liv
     };
     die_at("fds-received");
     let fds = check_hello(&hello, fds)?;
-    let mut machine = prepare(&hello, fds.zones, fds.console)?;
-    // Read now, while the guest still runs: restore skips KVM_SET_CPUID2 where the
-    // state's CPUID is what the new vCPU already has.
-    let cpuids: Vec<Vec<CpuidEntry>> = machine
-        .vcpus
-        .iter()
-        .map(|v| v.as_ref().and_then(|(v, _)| crate::state::vcpu::current_cpuid(v).ok()).unwrap_or_default())
-        .collect();
-    ch.send(&Message::Prepared { pid: std::process::id() }, &[])?;
-
-    set(ch, STEP_TIMEOUT)?;
-    let half = |_: usize, _: usize| die_at("state-half-read");
-    let hook: Option<&dyn Fn(usize, usize)> = std::env::var_os(DIE_AT_ENV).map(|_| &half as _);
-    let (msg, _) = ch.recv(hook)?;
-    let received_ns = monotonic_ns();
-    let frame = match msg {
-        Message::State(f) => f,
-        Message::Failed(r) => return Err(LiveError::Peer(r)),
-        m => return Err(LiveError::Protocol(format!("expected State, got {}", m.name()))),
-    };
-    let state = format::decode_state(&frame, MAX_MESSAGE).map_err(LiveError::Refused)?;
-    restore(&mut machine, &hello, state, &cpuids)?;
-    let restored_ns = monotonic_ns();
-    die_at("restored");
-    ch.send(&Message::Ready { received_ns, restored_ns }, &[])?;
+    let machine = prepare(&hello, fds.zones, fds.console)?;
     Ok((machine, hello, fds.api))
 }
 
-/// The commit, as the gate the new process's vCPU threads wait at: they are started
-/// (and the API socket is set up) while the old process decides.
+/// The rest of the incoming side, as the gate the new process's vCPU threads wait at:
+/// they are started (and the API socket is set up) while the guest still runs in the
+/// old process. Then: Prepared, the state, the restore (the vCPU threads restoring
+/// their own), Ready, and the commit.
 pub struct CommitGate {
     channel: Channel,
     committed: Arc<std::sync::atomic::AtomicBool>,
+    layout: guest_mem::MemoryLayout,
+    vcpus: u32,
+    vm: Arc<Vm>,
+    devices: Arc<Devices>,
 }
 
 impl CommitGate {
@@ -273,13 +256,49 @@ impl CommitGate {
     pub fn committed(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.committed.clone()
     }
+
+    /// Prepared, the state, the restore and Ready.
+    fn restore(&mut self, handoff: &Handoff) -> Result<(), LiveError> {
+        handoff.wait_all_waiting(STEP_TIMEOUT).map_err(LiveError::Restore)?;
+        let ch = &mut self.channel;
+        ch.send(&Message::Prepared { pid: std::process::id() }, &[])?;
+        ch.set_timeout(STEP_TIMEOUT).map_err(|e| LiveError::Channel(e.to_string()))?;
+        ch.wait_readable(STEP_TIMEOUT)?;
+        // The vCPU threads wake now, while the state is read.
+        handoff.arriving();
+        let half = |_: usize, _: usize| die_at("state-half-read");
+        let hook: Option<&dyn Fn(usize, usize)> = std::env::var_os(DIE_AT_ENV).map(|_| &half as _);
+        let (msg, _) = ch.recv(hook)?;
+        let received_ns = monotonic_ns();
+        crate::live::trace::mark("received");
+        let frame = match msg {
+            Message::State(f) => f,
+            Message::Failed(r) => return Err(LiveError::Peer(r)),
+            m => return Err(LiveError::Protocol(format!("expected State, got {}", m.name()))),
+        };
+        let state = format::decode_state(&frame, MAX_MESSAGE).map_err(LiveError::Refused)?;
+        crate::live::trace::mark("decoded");
+        let (vcpus, captured_ns) = restore_vm(self, state)?;
+        handoff.post(vcpus, captured_ns);
+        handoff.wait_restored(STEP_TIMEOUT).map_err(LiveError::Restore)?;
+        let restored_ns = monotonic_ns();
+        die_at("restored");
+        crate::live::trace::mark("all_restored");
+        self.channel.send(&Message::Ready { received_ns, restored_ns }, &[])
+    }
 }
 
 impl crate::run::StartGate for CommitGate {
-    fn wait_open(&mut self, _ctl: &crate::vm::control::RunControl) -> Result<(), String> {
+    fn wait_open(&mut self, _ctl: &crate::vm::control::RunControl, handoff: &Handoff) -> Result<(), String> {
+        if let Err(e) = self.restore(handoff) {
+            let why = crate::error_chain(&e);
+            self.channel.fail(&why);
+            return Err(format!("live update refused, nothing ran here: {why}"));
+        }
         let no = |why: String| format!("live update: no commit from the old process ({why}); nothing ran here");
         match self.channel.recv(None) {
             Ok((Message::Commit, _)) => {
+                crate::live::trace::mark("commit");
                 self.committed.store(true, std::sync::atomic::Ordering::SeqCst);
                 Ok(())
             }
@@ -291,6 +310,11 @@ impl crate::run::StartGate for CommitGate {
 
     fn running(&mut self, running_ns: u64) {
         let _ = self.channel.send(&Message::Running { running_ns }, &[]);
+        crate::live::trace::mark("running_sent");
+        if crate::live::trace::on() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        crate::live::trace::dump("new");
     }
 }
 

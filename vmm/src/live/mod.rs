@@ -23,6 +23,7 @@
 
 pub mod incoming;
 pub mod source;
+pub mod trace;
 pub mod wire;
 
 use std::os::fd::OwnedFd;

@@ -31,6 +31,13 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 /// Most fds one message may carry (zones, console, API socket).
 pub const MAX_FDS: usize = 64;
 
+/// Whether polling beats sleeping while the guest is paused: with a second CPU, the
+/// thread it waits for runs meanwhile; with one, polling only delays it.
+pub fn spinning_helps() -> bool {
+    static MANY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MANY.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2)
+}
+
 /// Sorts a socket error: the peer gone (EOF, reset, broken pipe), a timeout, or else.
 fn io_error(e: io::Error) -> LiveError {
     match e.kind() {
@@ -111,7 +118,7 @@ impl Channel {
     /// downtime. It yields the CPU between polls (so a process it waits for on the
     /// same CPU still runs) and does nothing on a single-CPU host.
     pub fn spin_until_readable(&self, max: Duration) {
-        if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        if !spinning_helps() {
             return;
         }
         let start = std::time::Instant::now();
@@ -120,6 +127,26 @@ impl Channel {
         while unsafe { libc::poll(&mut p, 1, 0) } == 0 && start.elapsed() < max {
             // SAFETY: sched_yield has no preconditions.
             unsafe { libc::sched_yield() };
+        }
+    }
+
+    /// Waits (sleeping) until a message starts to arrive, up to `timeout`.
+    pub fn wait_readable(&self, timeout: Duration) -> Result<(), LiveError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut p = libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(LiveError::Timeout);
+            }
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            // SAFETY: poll on one valid pollfd we own.
+            match unsafe { libc::poll(&mut p, 1, ms) } {
+                n if n > 0 => return Ok(()),
+                0 => {}
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+                _ => return Err(LiveError::Channel(io::Error::last_os_error().to_string())),
+            }
         }
     }
 

@@ -18,6 +18,7 @@ use crate::devices::serial::{Serial, COM1_IRQ};
 use crate::devices::{Devices, SerialError};
 use crate::kvm::stats::StatsFd;
 use crate::vm::control::{Outcome, RunControl};
+use crate::vm::handoff::Handoff;
 use crate::vm::{vcpu, Vm, VmError};
 use kvm_ioctls::VcpuFd;
 use report::{ReportInputs, RunReport};
@@ -104,9 +105,10 @@ pub struct DriveOptions {
 
 /// What the vCPUs wait for before they first run.
 pub trait StartGate {
-    /// Blocks until the vCPUs may run; `Err` ends the run before any guest code runs.
-    /// The vCPU threads are started and held.
-    fn wait_open(&mut self, ctl: &RunControl) -> Result<(), String>;
+    /// Blocks until the vCPUs may run; `Err` ends the run before any guest code runs
+    /// (why, for the run's outcome). The vCPU threads are started and held; each
+    /// restores its vCPU from what the gate posts to `handoff` first.
+    fn wait_open(&mut self, ctl: &RunControl, handoff: &Handoff) -> Result<(), String>;
     /// The first vCPU is about to enter KVM_RUN, at `ns` (CLOCK_MONOTONIC).
     fn running(&mut self, ns: u64);
 }
@@ -226,26 +228,34 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
         start_ns,
         info: opts.handover,
     };
-    let mut api = match opts.api {
-        Some(sock) => Some(crate::api::ApiServer::new(
-            sock,
-            crate::api::ApiContext {
-                ctl: ctl.clone(),
-                mem: mem.clone(),
-                vm_stats: vm_stats.clone(),
-                guest: guest.clone(),
-                vcpu_threads: Vec::new(),
-                zones: opts.zones,
-                live: Arc::new(live),
-                live_state: Default::default(),
-            },
-        )?),
-        None => None,
+    let api_ctx = crate::api::ApiContext {
+        ctl: ctl.clone(),
+        mem: mem.clone(),
+        vm_stats: vm_stats.clone(),
+        guest: guest.clone(),
+        vcpu_threads: Vec::new(),
+        zones: opts.zones,
+        live: Arc::new(live),
+        live_state: Default::default(),
     };
+    // An incoming live update's API socket is served only once committed to: until
+    // then it is the old process's (a server dropped here would remove its file).
+    let (mut api, mut api_after_gate) = match opts.api {
+        Some(sock) if opts.gate.is_some() => (None, Some((sock, api_ctx))),
+        Some(sock) => (Some(crate::api::ApiServer::new(sock, api_ctx)?), None),
+        None => (None, None),
+    };
+    let handoff = opts.gate.as_ref().map(|_| Arc::new(Handoff::new(n)));
     if opts.gate.is_some() {
         ctl.hold();
     }
-    let shared = vcpu::VcpuShared { devices: devices.clone(), mem: mem.clone(), ctl: ctl.clone(), caps };
+    let shared = vcpu::VcpuShared {
+        devices: devices.clone(),
+        mem: mem.clone(),
+        ctl: ctl.clone(),
+        caps,
+        handoff: handoff.clone(),
+    };
     let mut handles = Vec::with_capacity(vcpus.len());
     for (i, v) in vcpus.into_iter().enumerate() {
         let Some((v, ports)) = v else {
@@ -260,13 +270,22 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
             }
         }
     }
-    if let Some(mut gate) = opts.gate.take() {
-        match gate.wait_open(&ctl) {
+    if let (Some(mut gate), Some(handoff)) = (opts.gate.take(), handoff) {
+        match gate.wait_open(&ctl, &handoff) {
             Ok(()) => {
                 ctl.resume();
                 gate.running(ctl.wait_first_run(Duration::from_secs(1)));
+                if let Some((sock, ctx)) = api_after_gate.take() {
+                    match crate::api::ApiServer::new(sock, ctx) {
+                        Ok(a) => api = Some(a),
+                        Err(e) => eprintln!("mosaic: cannot serve the API socket handed over: {e}"),
+                    }
+                }
             }
-            Err(message) => ctl.finish(Outcome::Error { vcpu: 0, message }),
+            Err(why) => {
+                handoff.abort();
+                ctl.finish(Outcome::NotStarted(why));
+            }
         }
     }
     if let Some(api) = api.as_mut() {
@@ -278,16 +297,20 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
     }
     let reports = vcpu::stop_all(handles);
     devices.flush();
+    // Once the guest runs in another process, this one only ends: what it would
+    // measure (smaps of all guest memory, KVM stats) is not reported and costs CPU
+    // time the guest's first milliseconds over there should have.
+    let handed_over = ctl.handed_over();
     // The VMM's own footprint is read first, before building the report allocates.
-    let (rss, pss) = (report::vm_rss(), report::vm_pss());
-    let kvm_vm = vm_stats.and_then(|s| s.read().ok()).unwrap_or_default();
+    let (rss, pss) = if handed_over { (None, None) } else { (report::vm_rss(), report::vm_pss()) };
+    let kvm_vm = vm_stats.filter(|_| !handed_over).and_then(|s| s.read().ok()).unwrap_or_default();
     Ok(RunReport::new(ReportInputs {
         outcome: ctl.outcome(),
         boot_marker: devices.guest_ports().boot_marker(),
         guest,
         vcpus: n,
         start_monotonic_ns: start_ns,
-        memory: report::regions(&mem),
+        memory: if handed_over { Vec::new() } else { report::regions(&mem) },
         kvm_vm,
         kvm_vcpus: reports.into_iter().map(|r| r.stats).collect(),
         rss,

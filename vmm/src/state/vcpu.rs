@@ -323,6 +323,42 @@ impl CaptureCaps {
     }
 }
 
+/// What every capture of one vCPU reads the same: its CPUID (KVM refuses to change
+/// it once the vCPU has run), its TSC frequency and the MSRs to read (KVM's list, the
+/// extras and the machine-check banks IA32_MCG_CAP announces, which the guest cannot
+/// change). Read once, before the vCPU first runs, it keeps ~40 µs of ioctls out of
+/// a live update's pause.
+#[derive(Debug, Clone)]
+pub struct VcpuFixed {
+    cpuid: Vec<CpuidEntry>,
+    tsc_khz: Option<u32>,
+    msr_indices: Vec<u32>,
+}
+
+impl VcpuFixed {
+    /// Reads them from `vcpu`.
+    pub fn read(vcpu: &VcpuFd, caps: &CaptureCaps) -> Result<Self, StateError> {
+        Ok(VcpuFixed {
+            cpuid: current_cpuid(vcpu)?,
+            tsc_khz: vcpu.get_tsc_khz().ok().filter(|&k| k != 0),
+            msr_indices: msr_indices(vcpu, &caps.msr_index_list)?,
+        })
+    }
+
+    /// The CPUID read.
+    pub fn cpuid(&self) -> &[CpuidEntry] {
+        &self.cpuid
+    }
+
+    /// The vCPU was restored with this CPUID and TSC frequency.
+    pub fn restored(&mut self, cpuid: Vec<CpuidEntry>, tsc_khz: Option<u32>) {
+        self.cpuid = cpuid;
+        if tsc_khz.is_some() {
+            self.tsc_khz = tsc_khz;
+        }
+    }
+}
+
 /// The vCPU's CPUID as KVM reports it (KVM_GET_CPUID2), in the form captures record.
 pub fn current_cpuid(vcpu: &VcpuFd) -> Result<Vec<CpuidEntry>, StateError> {
     let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?;
@@ -343,6 +379,11 @@ pub fn capture(vcpu: &VcpuFd, kvm: &Kvm) -> Result<VcpuState, StateError> {
 
 /// [`capture`] with the capabilities asked beforehand.
 pub fn capture_with(vcpu: &VcpuFd, caps: &CaptureCaps) -> Result<VcpuState, StateError> {
+    capture_fixed(vcpu, &VcpuFixed::read(vcpu, caps)?, caps)
+}
+
+/// [`capture`] with what does not change read beforehand ([`VcpuFixed`]).
+pub fn capture_fixed(vcpu: &VcpuFd, fixed: &VcpuFixed, caps: &CaptureCaps) -> Result<VcpuState, StateError> {
     // First: may change vCPU/LAPIC state (see the module docs).
     let mp_state = vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
@@ -358,14 +399,12 @@ pub fn capture_with(vcpu: &VcpuFd, caps: &CaptureCaps) -> Result<VcpuState, Stat
     let xcrs = if caps.xcrs { Some(vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?) } else { None };
     let debug_regs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
     let lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
-    let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k != 0);
-    let cpuid = current_cpuid(vcpu)?;
-    let (msrs, msrs_unreadable) = read_msrs(vcpu, &msr_indices(vcpu, &caps.msr_index_list)?)?;
+    let (msrs, msrs_unreadable) = read_msrs(vcpu, &fixed.msr_indices)?;
     // Last: the GETs above may settle pending events.
     let vcpu_events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
-        cpuid,
-        tsc_khz,
+        cpuid: fixed.cpuid.clone(),
+        tsc_khz: fixed.tsc_khz,
         mp_state,
         regs,
         sregs,

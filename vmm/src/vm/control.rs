@@ -72,6 +72,8 @@ pub enum Outcome {
         /// The new process.
         pid: u32,
     },
+    /// An incoming live update was refused or never committed to: no guest code ran.
+    NotStarted(String),
 }
 
 /// How soon a pause kicks again a vCPU that has not stopped (its first few ms).
@@ -103,6 +105,7 @@ impl Outcome {
             Outcome::Signal(s) => format!("stopped by signal {s}"),
             Outcome::ApiShutdown => "shut down through the API socket".into(),
             Outcome::HandedOver { pid } => format!("live update: the guest runs on in process {pid}"),
+            Outcome::NotStarted(why) => why.clone(),
         }
     }
 
@@ -118,6 +121,7 @@ impl Outcome {
             Outcome::Signal(_) => "signal",
             Outcome::ApiShutdown => "api_shutdown",
             Outcome::HandedOver { .. } => "handed_over",
+            Outcome::NotStarted(_) => "not_started",
         }
     }
 }
@@ -271,6 +275,17 @@ impl RunControl {
         self.pause_requested.store(true, Ordering::SeqCst);
     }
 
+    /// Polls (yielding the CPU) while the vCPU threads are held, up to `max`: a live
+    /// update's restored vCPU threads wait so for the commit, running on their CPUs
+    /// (see `vm::handoff`).
+    pub fn poll_while_held(&self, max: Duration) {
+        let since = Instant::now();
+        while self.pause_requested() && !self.stopping() && since.elapsed() < max {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+
     /// Lifts a pause.
     pub fn resume(&self) {
         self.pause_requested.store(false, Ordering::SeqCst);
@@ -285,7 +300,9 @@ impl RunControl {
     }
 
     /// Waits (up to `timeout`) for the first vCPU thread to reach KVM_RUN and returns
-    /// when it did (CLOCK_MONOTONIC ns), or now if none did in time.
+    /// when it did (CLOCK_MONOTONIC ns), or now if none did in time. Yields rather than
+    /// sleeps: each wake-up from a sleep would take the CPU from a vCPU thread just
+    /// started.
     pub fn wait_first_run(&self, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
@@ -293,7 +310,8 @@ impl RunControl {
             if t != 0 || Instant::now() >= deadline || self.stopping() {
                 return if t != 0 { t } else { crate::run::monotonic_ns() };
             }
-            std::thread::sleep(Duration::from_micros(20));
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
         }
     }
 
@@ -322,6 +340,11 @@ impl RunControl {
     /// The eventfd the event loop waits on.
     pub fn exit_evt(&self) -> &EventFd {
         &self.exit_evt
+    }
+
+    /// Whether the run ended by handing the guest to a new process.
+    pub fn handed_over(&self) -> bool {
+        matches!(self.outcome.lock().as_deref(), Ok(Some((Outcome::HandedOver { .. }, _))))
     }
 
     /// The outcome and when it was decided (from VMM start).

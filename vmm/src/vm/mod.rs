@@ -7,6 +7,7 @@
 pub mod attributes;
 pub mod control;
 pub mod cpuid;
+pub mod handoff;
 pub mod memslots;
 pub mod vcpu;
 

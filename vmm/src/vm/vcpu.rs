@@ -18,10 +18,12 @@ use guest_mem::GuestMemory;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::control::{FaultReport, Outcome, RunControl, VcpuCapture};
+use super::handoff::{Handoff, Placement, Take, POLL_FOR};
 use crate::devices::paravirt::VcpuPorts;
 use crate::devices::{Devices, IoAction};
 use crate::kvm::stats::StatsFd;
 use crate::state::format::VcpuEntry;
+use crate::state::vcpu::VcpuFixed;
 
 /// How a vCPU thread ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +77,12 @@ pub fn spawn(index: u32, vcpu: VcpuFd, ports: VcpuPorts, shared: VcpuShared) -> 
         let mut vcpu = vcpu;
         let state = run_loop(index, &mut vcpu, ports, &shared);
         // Opened at the end, not the start: it costs time a live update's resume (and
-        // boot) should not wait for.
-        let stats = StatsFd::open(&vcpu).ok().and_then(|s| s.read().ok()).unwrap_or_default();
+        // boot) should not wait for. Not read at all once the guest runs elsewhere.
+        let stats = if shared.ctl.handed_over() {
+            BTreeMap::new()
+        } else {
+            StatsFd::open(&vcpu).ok().and_then(|s| s.read().ok()).unwrap_or_default()
+        };
         VcpuReport { index, state, stats }
     })
 }
@@ -92,6 +98,9 @@ pub struct VcpuShared {
     pub ctl: Arc<RunControl>,
     /// What state captures ask KVM (MSR list, capabilities), asked once.
     pub caps: Arc<crate::state::vcpu::CaptureCaps>,
+    /// A live update's incoming state: each thread restores its own vCPU from it
+    /// before its first run.
+    pub handoff: Option<Arc<Handoff>>,
 }
 
 /// Captures this vCPU for a live update: KVM state, port registers, TSC offset.
@@ -100,13 +109,60 @@ pub struct VcpuShared {
 /// instruction) only on the next KVM_RUN, and that pending work is not in any state
 /// it lets us read. So the vCPU re-enters once with `immediate_exit` set: KVM finishes
 /// the instruction and returns at once, without running guest code.
-fn capture(vcpu: &mut VcpuFd, caps: &crate::state::vcpu::CaptureCaps, ports: &VcpuPorts) -> Result<VcpuEntry, String> {
+fn capture(
+    vcpu: &mut VcpuFd,
+    shared: &VcpuShared,
+    fixed: Option<&VcpuFixed>,
+    ports: &VcpuPorts,
+) -> Result<VcpuEntry, String> {
     vcpu.set_kvm_immediate_exit(1);
     let completed = vcpu.run().map(|_| ()).or_else(|e| if e.errno() == libc::EINTR { Ok(()) } else { Err(e) });
     vcpu.set_kvm_immediate_exit(0);
     completed.map_err(|e| format!("cannot complete the last exit before the capture: {e}"))?;
-    let kvm_state = crate::state::vcpu::capture_with(vcpu, caps).map_err(|e| crate::error_chain(&e))?;
+    let kvm_state = match fixed {
+        Some(f) => crate::state::vcpu::capture_fixed(vcpu, f, &shared.caps),
+        None => crate::state::vcpu::capture_with(vcpu, &shared.caps),
+    }
+    .map_err(|e| crate::error_chain(&e))?;
+    crate::live::trace::mark("captured");
     Ok(VcpuEntry { kvm: Some(kvm_state), ports: ports.clone(), tsc_offset: crate::state::vcpu::tsc_offset(vcpu) })
+}
+
+/// Restores this vCPU from a live update's handoff; `Err` is how the thread ends
+/// (the update failed, or the guest had parked this vCPU).
+fn restore_handed(
+    index: u32,
+    vcpu: &VcpuFd,
+    handoff: &Handoff,
+    fixed: Option<&mut VcpuFixed>,
+    ctl: &RunControl,
+) -> Result<VcpuPorts, VcpuState> {
+    let (entry, captured_ns) = match handoff.take(index) {
+        Take::Restore(e, ns) => (e, ns),
+        Take::Abort => return Err(VcpuState::Stopped),
+    };
+    crate::live::trace::mark_vcpu("restoring", index);
+    let Some(state) = entry.kvm.as_ref() else {
+        handoff.report(index, Ok(()));
+        ctl.park();
+        return Err(VcpuState::Parked);
+    };
+    let (cpuid, tsc_khz) = (state.cpuid.clone(), state.tsc_khz);
+    let current = fixed.as_ref().map(|f| f.cpuid());
+    match crate::state::vcpu::restore_entry(vcpu, *entry, captured_ns, current) {
+        Ok(ports) => {
+            if let Some(f) = fixed {
+                f.restored(cpuid, tsc_khz);
+            }
+            crate::live::trace::mark_vcpu("restored", index);
+            handoff.report(index, Ok(()));
+            Ok(ports)
+        }
+        Err(e) => {
+            handoff.report(index, Err(crate::error_chain(&e)));
+            Err(VcpuState::Stopped)
+        }
+    }
 }
 
 fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuShared) -> VcpuState {
@@ -116,14 +172,28 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
         VcpuState::Stopped
     };
     let mut first_run = true;
+    // Read before the first run (see VcpuFixed); a failure here leaves captures to read
+    // it themselves.
+    let mut fixed = VcpuFixed::read(vcpu, &shared.caps).ok();
+    let mut placement = None;
+    if let Some(handoff) = &shared.handoff {
+        placement = Some(Placement::pin(index));
+        match restore_handed(index, vcpu, handoff, fixed.as_mut(), ctl) {
+            Ok(p) => ports = p,
+            Err(end) => return end,
+        }
+        // Restored: wait for the commit on this CPU.
+        ctl.poll_while_held(POLL_FOR);
+    }
     loop {
         if ctl.stopping() {
             return VcpuState::Stopped;
         }
         if ctl.pause_requested() {
             if ctl.capture_requested() {
+                crate::live::trace::mark_vcpu("left_run", index);
                 let left_run_ns = crate::run::monotonic_ns();
-                let state = capture(vcpu, &shared.caps, &ports);
+                let state = capture(vcpu, shared, fixed.as_ref(), &ports);
                 ctl.deposit(index, VcpuCapture { left_run_ns, state });
             }
             ctl.wait_while_paused();
@@ -131,7 +201,11 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
         }
         if first_run {
             first_run = false;
+            if let Some(p) = placement.as_mut() {
+                p.release();
+            }
             ctl.note_first_run();
+            crate::live::trace::mark_vcpu("first_run", index);
         }
         let action = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) if VcpuPorts::claims(port) => {

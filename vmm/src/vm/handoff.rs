@@ -1,0 +1,279 @@
+//! A live update's vCPU states, handed from the thread that receives them to the new
+//! process's vCPU threads, which restore their own in parallel and then wait, running
+//! on their CPUs, for the commit.
+//!
+//! ```text
+//!  receiving thread                     vCPU thread i (started in the prepare phase)
+//!  ────────────────                     ─────────────────────────────────────────────
+//!                                       take(i): sleeps
+//!  arriving(): the state is coming ───► wakes, polls (the wake-up overlaps the read)
+//!  post(entries) ──────────────────────► restores entry i, report(i, result)
+//!  wait_restored() ◄───────────────────  polls the gate (RunControl::hold) until the
+//!                                        commit opens it
+//! ```
+//!
+//! Polling yields the CPU each time, and only happens while the guest is paused and
+//! the CPUs would otherwise sleep: waking a sleeping CPU costs tens of microseconds on
+//! a nested host, each one guest downtime.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::state::format::VcpuEntry;
+
+/// How long a vCPU thread polls for its entry once the state is arriving, and for
+/// the commit once restored, before it sleeps instead.
+pub const POLL_FOR: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Default)]
+struct Slots {
+    /// vCPU threads waiting in `take`.
+    waiting: u32,
+    arriving: bool,
+    posted: bool,
+    aborted: bool,
+    entries: Vec<Option<VcpuEntry>>,
+    captured_ns: u64,
+    errors: Vec<(u32, String)>,
+}
+
+/// What [`Handoff::take`] gives a vCPU thread.
+#[derive(Debug)]
+pub enum Take {
+    /// Restore this entry (captured at this CLOCK_MONOTONIC ns).
+    Restore(Box<VcpuEntry>, u64),
+    /// No state comes (the update failed, or this vCPU has no entry): end the thread.
+    Abort,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Handoff {
+    vcpus: u32,
+    slots: Mutex<Slots>,
+    cv: Condvar,
+    reported: AtomicU32,
+}
+
+fn yield_cpu() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}
+
+impl Handoff {
+    /// A handoff for `vcpus` vCPU threads.
+    pub fn new(vcpus: u32) -> Self {
+        Handoff { vcpus, slots: Mutex::default(), cv: Condvar::new(), reported: AtomicU32::new(0) }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Slots) -> R) -> Option<R> {
+        let mut g = self.slots.lock().ok()?;
+        let r = f(&mut g);
+        self.cv.notify_all();
+        Some(r)
+    }
+
+    /// Waits (sleeping, up to `timeout`) until every vCPU thread waits for its entry:
+    /// then nothing of this process competes for a CPU with the old process's vCPUs
+    /// when they pause, which the old process does as soon as it hears Prepared (a
+    /// vCPU thread still starting up there would lengthen the guest's gap).
+    pub fn wait_all_waiting(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.slots.lock().map_err(|_| "handoff lock poisoned".to_string())?;
+        while g.waiting < self.vcpus {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("{} of {} vCPU threads started in {timeout:?}", g.waiting, self.vcpus));
+            }
+            g = self.cv.wait_timeout(g, left).map_err(|_| "handoff lock poisoned".to_string())?.0;
+        }
+        Ok(())
+    }
+
+    /// The state has started to arrive: the vCPU threads wake and poll for it.
+    pub fn arriving(&self) {
+        crate::live::trace::mark("arriving");
+        self.with(|s| s.arriving = true);
+    }
+
+    /// Hands `entries` (by vCPU index; one per vCPU) to the vCPU threads.
+    pub fn post(&self, entries: Vec<VcpuEntry>, captured_ns: u64) {
+        crate::live::trace::mark("posted");
+        self.with(|s| {
+            s.entries = entries.into_iter().map(Some).collect();
+            s.captured_ns = captured_ns;
+            s.posted = true;
+            s.arriving = true;
+        });
+    }
+
+    /// No state will come: every waiting vCPU thread ends.
+    pub fn abort(&self) {
+        self.with(|s| s.aborted = true);
+    }
+
+    /// Called by vCPU thread `index`: waits for its entry (sleeping until the state is
+    /// arriving, then polling).
+    pub fn take(&self, index: u32) -> Take {
+        let Ok(mut g) = self.slots.lock() else { return Take::Abort };
+        g.waiting += 1;
+        self.cv.notify_all();
+        while !g.arriving && !g.aborted {
+            g = match self.cv.wait(g) {
+                Ok(g) => g,
+                Err(_) => return Take::Abort,
+            };
+        }
+        let since = Instant::now();
+        loop {
+            if g.aborted {
+                return Take::Abort;
+            }
+            if g.posted {
+                let captured_ns = g.captured_ns;
+                return match g.entries.get_mut(index as usize).and_then(Option::take) {
+                    Some(e) => Take::Restore(Box::new(e), captured_ns),
+                    None => Take::Abort,
+                };
+            }
+            if since.elapsed() < POLL_FOR {
+                drop(g);
+                yield_cpu();
+                g = match self.slots.lock() {
+                    Ok(g) => g,
+                    Err(_) => return Take::Abort,
+                };
+            } else {
+                g = match self.cv.wait(g) {
+                    Ok(g) => g,
+                    Err(_) => return Take::Abort,
+                };
+            }
+        }
+    }
+
+    /// vCPU thread `index` is done with its entry: restored, or why not.
+    pub fn report(&self, index: u32, result: Result<(), String>) {
+        if let Err(e) = result {
+            self.with(|s| s.errors.push((index, e)));
+        }
+        self.reported.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Polls until every vCPU thread has reported, up to `timeout`; the first error
+    /// (by vCPU) if any failed.
+    pub fn wait_restored(&self, timeout: Duration) -> Result<(), String> {
+        let since = Instant::now();
+        while self.reported.load(Ordering::SeqCst) < self.vcpus {
+            if since.elapsed() > timeout {
+                return Err(format!(
+                    "{} of {} vCPUs were restored in {timeout:?}",
+                    self.reported.load(Ordering::SeqCst),
+                    self.vcpus
+                ));
+            }
+            yield_cpu();
+        }
+        let mut errors = self.slots.lock().map(|s| s.errors.clone()).unwrap_or_default();
+        errors.sort();
+        match errors.into_iter().next() {
+            Some((i, e)) => Err(format!("vCPU {i}: {e}")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Keeps a vCPU thread on one CPU of those this process may use (vCPU i on the i-th,
+/// round robin) until its first run, then lets it go where the scheduler likes.
+///
+/// The threads of a live update's new process wait for the commit polling, each on
+/// its own CPU, so each enters KVM_RUN the moment the commit comes. Left to itself,
+/// the scheduler tends to stack them on one CPU (they were started by one thread and
+/// have just run, so they are "cache hot" and not moved), and the second vCPU then
+/// waits for the first one's time slice to end: up to milliseconds of downtime.
+#[derive(Debug)]
+pub struct Placement {
+    allowed: Option<libc::cpu_set_t>,
+}
+
+impl Placement {
+    /// Pins the calling thread, vCPU `index`, to its CPU. Does nothing where only one
+    /// CPU is allowed.
+    pub fn pin(index: u32) -> Self {
+        // SAFETY: cpu_set_t is plain data; all zeros is the empty set.
+        let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: sched_getaffinity writes at most `size` bytes into `allowed`.
+        if unsafe { libc::sched_getaffinity(0, size, &mut allowed) } != 0 {
+            return Placement { allowed: None };
+        }
+        // SAFETY: CPU_ISSET only reads the set, for indices below CPU_SETSIZE.
+        let cpus: Vec<usize> =
+            (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) }).collect();
+        if cpus.len() < 2 {
+            return Placement { allowed: None };
+        }
+        // SAFETY: as above, all zeros is the empty set.
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: CPU_SET writes one bit of `one`, for an index below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpus[index as usize % cpus.len()], &mut one) };
+        // SAFETY: sched_setaffinity reads `size` bytes of a valid cpu_set_t.
+        if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
+            return Placement { allowed: None };
+        }
+        Placement { allowed: Some(allowed) }
+    }
+
+    /// Gives the calling thread back every CPU it was allowed (it stays where it is).
+    pub fn release(&mut self) {
+        if let Some(allowed) = self.allowed.take() {
+            // SAFETY: sched_setaffinity reads a valid cpu_set_t of the size given.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &allowed) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn entry(tsc: u64) -> VcpuEntry {
+        VcpuEntry { kvm: None, ports: Default::default(), tsc_offset: Some(tsc) }
+    }
+
+    #[test]
+    fn each_thread_takes_its_own_entry_and_reports() {
+        let h = Arc::new(Handoff::new(2));
+        let threads: Vec<_> = (0..2u32)
+            .map(|i| {
+                let h = h.clone();
+                std::thread::spawn(move || match h.take(i) {
+                    Take::Restore(e, ns) => {
+                        assert_eq!((e.tsc_offset, ns), (Some(u64::from(i) + 10), 77));
+                        h.report(i, if i == 1 { Err("refused".into()) } else { Ok(()) });
+                    }
+                    Take::Abort => panic!("aborted"),
+                })
+            })
+            .collect();
+        h.arriving();
+        h.post(vec![entry(10), entry(11)], 77);
+        assert_eq!(h.wait_restored(Duration::from_secs(5)), Err("vCPU 1: refused".into()));
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+
+    #[test]
+    fn abort_releases_waiting_threads_and_a_missing_report_times_out() {
+        let h = Arc::new(Handoff::new(1));
+        let t = {
+            let h = h.clone();
+            std::thread::spawn(move || matches!(h.take(0), Take::Abort))
+        };
+        h.abort();
+        assert!(t.join().unwrap());
+        let e = Handoff::new(1).wait_restored(Duration::from_millis(10)).unwrap_err();
+        assert!(e.contains("0 of 1 vCPUs"), "{e}");
+    }
+}
