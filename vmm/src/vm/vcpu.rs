@@ -128,6 +128,19 @@ fn capture(
     Ok(VcpuEntry { kvm: Some(kvm_state), ports: ports.clone(), tsc_offset: crate::state::vcpu::tsc_offset(vcpu) })
 }
 
+/// Enters KVM_RUN once with `immediate_exit` set, from this thread, before the state
+/// arrives: KVM returns at once without running guest code (a vCPU not yet restored,
+/// an AP not even started, stays as it is), but does what it does on a thread's first
+/// KVM_RUN (records the thread; on the VM's first, starts its NX huge page recovery
+/// thread). Done here, that work is out of a live update's pause: the guest's first
+/// resumed iteration was seen to come ~100 µs sooner.
+fn first_entry_ahead(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    // EINTR is the expected answer; anything else will show again at the real entry.
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+}
+
 /// Restores this vCPU from a live update's handoff; `Err` is how the thread ends
 /// (the update failed, or the guest had parked this vCPU).
 fn restore_handed(
@@ -178,6 +191,7 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
     let mut placement = None;
     if let Some(handoff) = &shared.handoff {
         placement = Some(Placement::pin(index));
+        first_entry_ahead(vcpu);
         match restore_handed(index, vcpu, handoff, fixed.as_mut(), ctl) {
             Ok(p) => ports = p,
             Err(end) => return end,
