@@ -59,8 +59,10 @@ pub enum RunError {
 /// programs) or boot data (Linux), which stays shared.
 pub const PRIVATE_FROM: u64 = program::layout::IMAGE_START;
 
-/// How much guest RAM a handed-over process unmaps at a time before it exits (64 page
-/// table entries: 2 MiB steps were seen to delay the new process by up to ~100 µs).
+/// How much guest RAM a handed-over process unmaps at a time before it exits: 64 page
+/// table entries of 4 KiB pages (2 MiB steps were seen to delay the new process by up
+/// to ~100 µs), one 2 MiB page (128 MiB steps made a 16 GiB guest's gaps longer: the
+/// new process's faults wait for the hugetlb mapping lock the unmap holds).
 const RELEASE_STEP: usize = 256 << 10;
 
 /// `CLOCK_MONOTONIC` now, in ns.
