@@ -268,8 +268,14 @@ fn hello(layout: guest_mem::MemoryLayout) -> vmm::live::Hello {
 }
 
 /// Plays the old process against `mosaic run --incoming`, sending `state` after a
-/// valid Hello; returns what the new process answered and its stderr.
-fn send_state(tag: &str, state: Option<Vec<u8>>, garbage_hello: bool) -> (Option<Message>, Option<i32>, String) {
+/// valid Hello (which hands over a listening API socket if `api` is given); returns
+/// what the new process answered and its stderr.
+fn send_state(
+    tag: &str,
+    state: Option<Vec<u8>>,
+    garbage_hello: bool,
+    api: Option<&Path>,
+) -> (Option<Message>, Option<i32>, String) {
     let dir = Scratch::new(tag);
     let sock = dir.path("in.sock");
     let mut child = incoming(&sock, &[], &dir, "new");
@@ -285,7 +291,15 @@ fn send_state(tag: &str, state: Option<Vec<u8>>, garbage_hello: bool) -> (Option
             guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
         let layout = guest_mem::MemoryLayout::place(vec![zone]).unwrap();
         let fd = memfd(64 << 20);
-        ch.send(&Message::Hello(Box::new(hello(layout))), &[fd.as_raw_fd()]).unwrap();
+        let mut h = hello(layout);
+        let listener = api.map(|p| std::os::unix::net::UnixListener::bind(p).unwrap());
+        let mut fds = vec![fd.as_raw_fd()];
+        if let (Some(l), Some(p)) = (&listener, api) {
+            h.api_socket = Some(p.to_path_buf());
+            h.fds.api = true;
+            fds.push(l.as_raw_fd());
+        }
+        ch.send(&Message::Hello(Box::new(h)), &fds).unwrap();
         let (m, _) = ch.recv(None).unwrap();
         assert!(matches!(m, Message::Prepared { .. }), "{m:?}");
         ch.send(&Message::State(state.unwrap_or_default()), &[]).unwrap();
@@ -319,7 +333,14 @@ fn corrupt_truncated_and_wrong_version_state_is_refused() {
         ("newer", newer, "newer Mosaic"),
         ("vcpus", good, "holds 0 vCPUs"),
     ] {
-        let (answer, code, stderr) = send_state(&format!("lu-bad-{tag}"), Some(bytes), false);
+        // One refused process is handed the (old process's) API socket: it must leave
+        // its file alone.
+        let api_dir = Scratch::new(&format!("lu-bad-{tag}-api"));
+        let api = (tag == "corrupt").then(|| api_dir.path("api.sock"));
+        let (answer, code, stderr) = send_state(&format!("lu-bad-{tag}"), Some(bytes), false, api.as_deref());
+        if let Some(p) = &api {
+            assert!(p.exists(), "{tag}: the refused process removed the API socket it was handed: {stderr}");
+        }
         match answer {
             Some(Message::Failed(m)) => assert!(m.contains(says), "{tag}: {m}"),
             other => panic!("{tag}: expected Failed, got {other:?}"),
@@ -329,7 +350,7 @@ fn corrupt_truncated_and_wrong_version_state_is_refused() {
     }
     // A Hello of a protocol version this build does not speak: refused before any VM
     // is built.
-    let (answer, code, stderr) = send_state("lu-bad-hello", None, true);
+    let (answer, code, stderr) = send_state("lu-bad-hello", None, true, None);
     assert!(matches!(answer, Some(Message::Failed(ref m)) if m.contains("version 99")), "{answer:?}");
     assert_eq!(code, Some(125), "{stderr}");
 }

@@ -246,6 +246,7 @@ mod tests {
     #[test]
     fn each_thread_takes_its_own_entry_and_reports() {
         let h = Arc::new(Handoff::new(2));
+        assert!(h.wait_all_waiting(Duration::from_millis(10)).unwrap_err().contains("0 of 2"));
         let threads: Vec<_> = (0..2u32)
             .map(|i| {
                 let h = h.clone();
@@ -258,10 +259,37 @@ mod tests {
                 })
             })
             .collect();
+        h.wait_all_waiting(Duration::from_secs(5)).unwrap();
         h.arriving();
         h.post(vec![entry(10), entry(11)], 77);
         assert_eq!(h.wait_restored(Duration::from_secs(5)), Err("vCPU 1: refused".into()));
         threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+
+    fn allowed_cpus() -> Vec<usize> {
+        // SAFETY: all zeros is the empty set; sched_getaffinity writes into it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, with the size of the set.
+        assert_eq!(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }, 0);
+        // SAFETY: CPU_ISSET reads the set, for indices below CPU_SETSIZE.
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+    }
+
+    #[test]
+    fn placement_pins_round_robin_and_release_restores_the_mask() {
+        std::thread::spawn(|| {
+            let all = allowed_cpus();
+            let mut p = Placement::pin(3);
+            if all.len() < 2 {
+                assert!(p.allowed.is_none());
+                return;
+            }
+            assert_eq!(allowed_cpus(), vec![all[3 % all.len()]]);
+            p.release();
+            assert_eq!(allowed_cpus(), all);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
