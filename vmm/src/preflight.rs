@@ -141,7 +141,9 @@ impl Drop for PoolReservation {
             return;
         }
         if let Ok(p) = hugepage::pools::pool_at(&self.root, self.page_size) {
-            let _ = hugepage::set_pool_size_at(&self.root, self.page_size, p.total.saturating_sub(self.added));
+            // The write sets the persistent pages; `total` also counts surplus ones.
+            let persistent = p.total.saturating_sub(p.surplus);
+            let _ = hugepage::set_pool_size_at(&self.root, self.page_size, persistent.saturating_sub(self.added));
         }
     }
 }
@@ -266,19 +268,25 @@ pub fn run_at(root: &Path, layout: &MemoryLayout) -> Result<Preflight, Preflight
         let available_before = pool.available();
         let mut available = available_before;
         if needed > available && wanted.iter().any(|&i| zones[i].backend.reserve == Reserve::Auto) {
+            // `total` counts surplus pages (in use, e.g. by a process a live update left
+            // that is still unmapping); the kernel makes them persistent before it
+            // allocates. So the pool grows by what is missing, and what is given back
+            // at exit includes those pages: they would have been freed when released,
+            // and giving back only the fresh pages left them in the pool for good.
             let target = pool.total + (needed - available);
             // A pool that cannot grow (not root, no such pool, no memory) is the same
             // as a short pool: the zones' fallbacks, or the error, follow.
-            let (added, why) = match hugepage::set_pool_size_at(root, page, target) {
+            let (fresh, why) = match hugepage::set_pool_size_at(root, page, target) {
                 Ok(got) => (got.saturating_sub(pool.total), None),
                 Err(e) => (0, Some(e.to_string())),
             };
+            let added = if why.is_none() { fresh + pool.surplus } else { 0 };
             if added > 0 {
                 reservations.push(PoolReservation { root: root.to_path_buf(), page_size: page, added });
             }
-            available += added;
+            available += fresh;
             let note = match why {
-                None => format!("pool grown by {added} of {} pages asked (reserve=auto)", needed - available_before),
+                None => format!("pool grown by {fresh} of {} pages asked (reserve=auto)", needed - available_before),
                 Some(e) => format!("reserve=auto could not grow the pool: {e}"),
             };
             for &i in &wanted {
@@ -475,6 +483,20 @@ mod tests {
         let fs = sysfs(10, 10, "never");
         let e = run_at(&fs.0, &layout(&["size=64M,backend=hugetlb"])).unwrap_err().to_string();
         assert!(e.contains("echo 32 > "), "{e}");
+    }
+
+    #[test]
+    fn reserve_auto_gives_back_the_surplus_pages_it_made_persistent() {
+        // 10 pages, 5 of them surplus (in use), 5 free.
+        let fs = sysfs(10, 5, "never");
+        let dir = fs.0.join("kernel/mm/hugepages/hugepages-2048kB");
+        std::fs::write(dir.join("surplus_hugepages"), "5\n").unwrap();
+        let p = run_at(&fs.0, &layout(&["size=64M,backend=hugetlb,reserve=auto"])).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("nr_hugepages")).unwrap().trim(), "37");
+        assert!(p.choices[0].note.as_deref().unwrap().contains("pool grown by 27"));
+        // At exit the pool shows 37 pages, 5 surplus: 32 persistent, all ours.
+        drop(p);
+        assert_eq!(std::fs::read_to_string(dir.join("nr_hugepages")).unwrap().trim(), "0");
     }
 
     #[test]
