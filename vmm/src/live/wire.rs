@@ -33,7 +33,7 @@ pub const MAX_FDS: usize = 64;
 
 /// Whether polling beats sleeping while the guest is paused: with a second CPU, the
 /// thread it waits for runs meanwhile; with one, polling only delays it.
-pub fn spinning_helps() -> bool {
+fn spinning_helps() -> bool {
     static MANY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *MANY.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2)
 }
@@ -127,8 +127,7 @@ impl Channel {
         let mut p = libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: poll with a zero timeout on one valid pollfd we own.
         while unsafe { libc::poll(&mut p, 1, 0) } == 0 && start.elapsed() < max {
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
+            crate::run::yield_cpu();
         }
     }
 

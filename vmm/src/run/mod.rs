@@ -65,6 +65,13 @@ pub const PRIVATE_FROM: u64 = program::layout::IMAGE_START;
 /// new process's faults wait for the hugetlb mapping lock the unmap holds).
 const RELEASE_STEP: usize = 256 << 10;
 
+/// Gives the CPU to another runnable thread, if any: how the threads that poll while a
+/// live update has the guest paused wait without sleeping.
+pub fn yield_cpu() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}
+
 /// `CLOCK_MONOTONIC` now, in ns.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -310,10 +317,7 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
     if handed_over {
         // Already at low priority (live::source::step_aside): a little at a time, so
         // that the guest's vCPUs in the new process are never kept waiting for long.
-        mem.release_pages(RELEASE_STEP, &mut || {
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
-        });
+        mem.release_pages(RELEASE_STEP, &mut yield_cpu);
     }
     // The VMM's own footprint is read first, before building the report allocates.
     let (rss, pss) = if handed_over { (None, None) } else { (report::vm_rss(), report::vm_pss()) };

@@ -281,8 +281,7 @@ impl RunControl {
     pub fn poll_while_held(&self, max: Duration) {
         let since = Instant::now();
         while self.pause_requested() && !self.stopping() && since.elapsed() < max {
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
+            crate::run::yield_cpu();
         }
     }
 
@@ -310,8 +309,7 @@ impl RunControl {
             if t != 0 || Instant::now() >= deadline || self.stopping() {
                 return if t != 0 { t } else { crate::run::monotonic_ns() };
             }
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
+            crate::run::yield_cpu();
         }
     }
 

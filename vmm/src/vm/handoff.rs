@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::run::yield_cpu;
 use crate::state::format::VcpuEntry;
 
 /// How long a vCPU thread polls for its entry once the state is arriving, and for
@@ -54,11 +55,6 @@ pub struct Handoff {
     slots: Mutex<Slots>,
     cv: Condvar,
     reported: AtomicU32,
-}
-
-fn yield_cpu() {
-    // SAFETY: sched_yield has no preconditions.
-    unsafe { libc::sched_yield() };
 }
 
 impl Handoff {
