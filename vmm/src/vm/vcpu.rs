@@ -115,10 +115,7 @@ fn capture(
     fixed: Option<&VcpuFixed>,
     ports: &VcpuPorts,
 ) -> Result<VcpuEntry, String> {
-    vcpu.set_kvm_immediate_exit(1);
-    let completed = vcpu.run().map(|_| ()).or_else(|e| if e.errno() == libc::EINTR { Ok(()) } else { Err(e) });
-    vcpu.set_kvm_immediate_exit(0);
-    completed.map_err(|e| format!("cannot complete the last exit before the capture: {e}"))?;
+    enter_and_leave(vcpu).map_err(|e| format!("cannot complete the last exit before the capture: {e}"))?;
     let kvm_state = match fixed {
         Some(f) => crate::state::vcpu::capture_fixed(vcpu, f, &shared.caps),
         None => crate::state::vcpu::capture_with(vcpu, &shared.caps),
@@ -128,17 +125,24 @@ fn capture(
     Ok(VcpuEntry { kvm: Some(kvm_state), ports: ports.clone(), tsc_offset: crate::state::vcpu::tsc_offset(vcpu) })
 }
 
-/// Enters KVM_RUN once with `immediate_exit` set, from this thread, before the state
-/// arrives: KVM returns at once without running guest code (a vCPU not yet restored,
-/// an AP not even started, stays as it is), but does what it does on a thread's first
-/// KVM_RUN (records the thread; on the VM's first, starts its NX huge page recovery
-/// thread). Done here, that work is out of a live update's pause: the guest's first
-/// resumed iteration was seen to come ~100 µs sooner.
-fn first_entry_ahead(vcpu: &mut VcpuFd) {
+/// Enters KVM_RUN once with `immediate_exit` set: KVM does its entry work (completes a
+/// pending I/O exit; on a thread's first KVM_RUN, records the thread) and returns
+/// EINTR at once, without running guest code. `Ok` for that EINTR.
+fn enter_and_leave(vcpu: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
     vcpu.set_kvm_immediate_exit(1);
-    // EINTR is the expected answer; anything else will show again at the real entry.
-    let _ = vcpu.run();
+    let r = vcpu.run().map(|_| ()).or_else(|e| if e.errno() == libc::EINTR { Ok(()) } else { Err(e) });
     vcpu.set_kvm_immediate_exit(0);
+    r
+}
+
+/// [`enter_and_leave`] from this thread before the state arrives (a vCPU not yet
+/// restored, an AP not even started, stays as it is): KVM's first-run work for the
+/// thread (and, on the VM's first, starting its NX huge page recovery thread) is then
+/// out of a live update's pause: the guest's first resumed iteration was seen to come
+/// ~100 µs sooner.
+fn first_entry_ahead(vcpu: &mut VcpuFd) {
+    // Anything but EINTR will show again at the real entry.
+    let _ = enter_and_leave(vcpu);
 }
 
 /// Restores this vCPU from a live update's handoff; `Err` is how the thread ends
