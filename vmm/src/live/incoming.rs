@@ -161,7 +161,8 @@ fn prepare(hello: &Hello, zones: Vec<OwnedFd>, console: Option<OwnedFd>) -> Resu
 /// vCPU threads to restore.
 fn restore_vm(gate: &CommitGate, state: StateV2) -> Result<(Vec<VcpuEntry>, u64), LiveError> {
     let err = |e: &dyn std::error::Error| LiveError::Restore(crate::error_chain(e));
-    if state.layout != gate.layout {
+    // The VM was adopted with the Hello's layout.
+    if &state.layout != gate.vm.memory().layout() {
         return Err(LiveError::Restore("the state's memory layout differs from the Hello's".into()));
     }
     if state.vcpus.len() != gate.vcpus as usize {
@@ -210,7 +211,6 @@ pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
             let gate = CommitGate {
                 channel: ch,
                 committed: Default::default(),
-                layout: hello.layout,
                 vcpus: hello.vcpus,
                 vm: machine.vm.clone(),
                 devices: machine.devices.clone(),
@@ -244,7 +244,6 @@ fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), Liv
 pub struct CommitGate {
     channel: Channel,
     committed: Arc<std::sync::atomic::AtomicBool>,
-    layout: guest_mem::MemoryLayout,
     vcpus: u32,
     vm: Arc<Vm>,
     devices: Arc<Devices>,
