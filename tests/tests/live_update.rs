@@ -233,13 +233,29 @@ fn the_guest_runs_on_when_the_new_process_dies_at_any_phase() {
         assert_eq!(v["live_update_generation"], 0, "{phase}");
         assert_eq!(v["pid"], vm.first.id(), "{phase}: the old process still serves the API");
     }
+    // A new process that stalls after restoring: the old one gives up, keeps the guest
+    // (it won the commit word), and the new one, finding the word decided, never runs
+    // the guest.
+    let target = vm.dir.path("stall.sock");
+    let mut child = incoming(&target, &[(vmm::live::incoming::DIE_AT_ENV, "stall-restored")], &vm.dir, "stall");
+    let body = serde_json::json!({ "incoming": target }).to_string();
+    let (status, r) = vm.live_update(Some(&body));
+    assert_eq!(status, 502, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("did not answer in time"), "{r}");
+    assert_eq!(vm.vm()["pid"], vm.first.id());
+    assert_eq!(child.wait().unwrap().code(), Some(125));
+    let stderr = read(&vm.dir.path("stall.stderr"));
+    assert!(
+        stderr.contains("gave up on it before this one could commit") && stderr.contains("nothing ran here"),
+        "{stderr}"
+    );
     // The next update succeeds, and the guest then verifies all of its memory.
     let (status, r) = vm.live_update(None);
     assert_eq!(status, 200, "{r}\n{}", vm.stderr());
     let stats = vm.wait_done();
     assert_heartbeat_ok(&vm.serial(), 1);
     assert_eq!(stats["live_update_generation"], 1);
-    assert_eq!(vm.stderr().matches("live update failed, the guest runs on here").count(), 3, "{}", vm.stderr());
+    assert_eq!(vm.stderr().matches("live update failed, the guest runs on here").count(), 4, "{}", vm.stderr());
 }
 
 /// A 64 MiB memfd, as an old process would hand over.
@@ -267,11 +283,13 @@ fn hello(layout: guest_mem::MemoryLayout) -> vmm::live::Hello {
     }
 }
 
-/// Plays the old process against `mosaic run --incoming`, sending `state` after a
-/// valid Hello (which hands over a listening API socket if `api` is given); returns
-/// what the new process answered and its stderr.
+/// Plays the old process against `mosaic run --incoming`, in protocol `version`,
+/// sending `state` after a valid Hello (which hands over a listening API socket if
+/// `api` is given); returns what the new process answered and its stderr. In v2 the
+/// new process must never have committed.
 fn send_state(
     tag: &str,
+    version: u32,
     state: Option<Vec<u8>>,
     garbage_hello: bool,
     api: Option<&Path>,
@@ -280,7 +298,9 @@ fn send_state(
     let sock = dir.path("in.sock");
     let mut child = incoming(&sock, &[], &dir, "new");
     let mut ch = Channel::new(UnixStream::connect(&sock).unwrap());
+    ch.set_version(version);
     ch.set_timeout(Duration::from_secs(30)).unwrap();
+    let arbiter = vmm::live::arbiter::Arbiter::create().unwrap();
     let mut answer = None;
     if garbage_hello {
         // A frame with the right magic and a newer protocol version.
@@ -300,6 +320,9 @@ fn send_state(
             fds.push(l.as_raw_fd());
         }
         ch.send(&Message::Hello(Box::new(h)), &fds).unwrap();
+        if version >= 2 {
+            ch.send(&Message::Arbiter, &[arbiter.fd().as_raw_fd()]).unwrap();
+        }
         let (m, _) = ch.recv(None).unwrap();
         assert!(matches!(m, Message::Prepared { .. }), "{m:?}");
         ch.send(&Message::State(state.unwrap_or_default()), &[]).unwrap();
@@ -308,6 +331,7 @@ fn send_state(
         answer = Some(m);
     }
     let code = child.wait().unwrap().code();
+    assert!(!arbiter.is_committed(), "{tag}: a refused process committed");
     (answer, code, read(&dir.path("new.stderr")))
 }
 
@@ -334,10 +358,11 @@ fn corrupt_truncated_and_wrong_version_state_is_refused() {
         ("vcpus", good, "holds 0 vCPUs"),
     ] {
         // One refused process is handed the (old process's) API socket: it must leave
-        // its file alone.
+        // its file alone. Both protocol versions are played (v1: an older old process).
         let api_dir = Scratch::new(&format!("lu-bad-{tag}-api"));
         let api = (tag == "corrupt").then(|| api_dir.path("api.sock"));
-        let (answer, code, stderr) = send_state(&format!("lu-bad-{tag}"), Some(bytes), false, api.as_deref());
+        let version = if tag == "truncated" { 1 } else { 2 };
+        let (answer, code, stderr) = send_state(&format!("lu-bad-{tag}"), version, Some(bytes), false, api.as_deref());
         if let Some(p) = &api {
             assert!(p.exists(), "{tag}: the refused process removed the API socket it was handed: {stderr}");
         }
@@ -350,9 +375,68 @@ fn corrupt_truncated_and_wrong_version_state_is_refused() {
     }
     // A Hello of a protocol version this build does not speak: refused before any VM
     // is built.
-    let (answer, code, stderr) = send_state("lu-bad-hello", None, true, None);
+    let (answer, code, stderr) = send_state("lu-bad-hello", 2, None, true, None);
     assert!(matches!(answer, Some(Message::Failed(ref m)) if m.contains("version 99")), "{answer:?}");
     assert_eq!(code, Some(125), "{stderr}");
+}
+
+/// An older old process (protocol v1: Ready and Commit messages, no commit word)
+/// hands its guest to this build, which answers in v1 and runs the guest only once
+/// Commit came.
+#[test]
+fn an_older_old_process_hands_over_with_protocol_v1() {
+    use vmm::state::format::{encode, StateV2, VcpuEntry, FORMAT_VERSION};
+    let zone =
+        guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
+    let layout = guest_mem::MemoryLayout::place(vec![zone]).unwrap();
+    let ram: Vec<(u64, u64)> = layout.regions().iter().map(|r| (r.gpa, r.size)).collect();
+    let attrs = guest_mem::Attributes::new(&ram, guest_mem::PageState::Shared).to_state();
+    // One vCPU's state, as a fresh vCPU holds it (the guest would run from reset).
+    let donor = vmm::vm::Vm::new(
+        guest_mem::MemoryLayout::place(vec![guest_mem::ZoneSpec {
+            size: 2 << 20,
+            backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Anon),
+        }])
+        .unwrap(),
+    )
+    .unwrap();
+    let vcpu = donor.create_vcpu(0, 1).unwrap();
+    let kvm = vmm::state::vcpu::capture(&vcpu, donor.kvm()).unwrap();
+    let entry = VcpuEntry { kvm: Some(kvm), ports: Default::default(), tsc_offset: None };
+    let state = StateV2 {
+        layout: layout.clone(),
+        attrs,
+        vcpus: vec![entry],
+        vm: vmm::state::vm::capture(donor.fd()).unwrap(),
+        devices: Default::default(),
+        captured_ns: 0,
+    };
+    let frame = encode(FORMAT_VERSION, &state).unwrap();
+
+    let dir = Scratch::new("lu-v1");
+    let sock = dir.path("in.sock");
+    let mut child = incoming(&sock, &[], &dir, "new");
+    let mut ch = Channel::new(UnixStream::connect(&sock).unwrap());
+    ch.set_version(1);
+    ch.set_timeout(Duration::from_secs(30)).unwrap();
+    let fd = memfd(64 << 20);
+    ch.send(&Message::Hello(Box::new(hello(layout))), &[fd.as_raw_fd()]).unwrap();
+    let next = |ch: &mut Channel, what: &str| {
+        let (m, _) = ch.recv(None).unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
+        assert_eq!(ch.peer_version(), 1, "{what} did not come in protocol v1");
+        m
+    };
+    assert!(matches!(next(&mut ch, "Prepared"), Message::Prepared { .. }));
+    ch.send(&Message::State(frame), &[]).unwrap();
+    let m = next(&mut ch, "Ready");
+    assert!(matches!(m, Message::Ready { received_ns, restored_ns } if received_ns > 0 && restored_ns >= received_ns));
+    // Not committed yet: nothing runs there.
+    assert!(child.try_wait().unwrap().is_none());
+    ch.send(&Message::Commit, &[]).unwrap();
+    let m = next(&mut ch, "Running");
+    assert!(matches!(m, Message::Running { running_ns } if running_ns > 0), "{m:?}");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// VM state of a freshly made VM with an irqchip (what an empty old VM would send).

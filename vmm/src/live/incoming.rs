@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
 
+use super::arbiter::{Arbiter, Decision};
 use super::wire::{Channel, Message, MAX_MESSAGE};
 use super::{HandoverInfo, Hello, LiveError};
 use crate::devices::paravirt::VcpuPorts;
@@ -33,7 +34,8 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Test hook: the phase at which this process kills itself with SIGKILL (fault
 /// injection in the integration tests): `fds-received`, `state-half-read`,
-/// `restored`.
+/// `restored`; or `stall-restored`: once restored, it stalls past the old process's
+/// patience before it tries to commit.
 pub const DIE_AT_ENV: &str = "MOSAIC_TEST_LIVE_UPDATE_DIE_AT";
 
 /// Where the old process reaches this one.
@@ -195,14 +197,15 @@ pub struct Adopted {
     pub gate: CommitGate,
 }
 
-/// Receives a VM: Hello and prepare. The state, the restore, Ready and the commit
+/// Receives a VM: Hello (and, in v2, the commit word) and prepare. The state, the
+/// restore and the commit (v2: on the commit word; v1: Ready, then a Commit message)
 /// follow in the [`CommitGate`], once the vCPU threads are started. On failure, the
 /// old process is told (Failed) and keeps the guest.
 pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
     let mut ch = open(incoming)?;
     let result = receive_on(&mut ch);
     match result {
-        Ok((machine, hello, api)) => {
+        Ok((machine, hello, api, arbiter)) => {
             let zones = serde_json::from_str(&hello.info.zones_json).unwrap_or_default();
             let api = match (hello.api_socket, api) {
                 (Some(path), Some(fd)) => Some(crate::api::ApiSocket::Inherited { path, fd }),
@@ -214,6 +217,8 @@ pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
                 vcpus: hello.vcpus,
                 vm: machine.vm.clone(),
                 devices: machine.devices.clone(),
+                arbiter,
+                times: (0, 0),
             };
             Ok(Adopted { machine, api, zones, info: hello.info, gate })
         }
@@ -224,29 +229,50 @@ pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
     }
 }
 
-fn receive_on(ch: &mut Channel) -> Result<(Machine, Hello, Option<OwnedFd>), LiveError> {
+type Received = (Machine, Hello, Option<OwnedFd>, Option<Arbiter>);
+
+fn receive_on(ch: &mut Channel) -> Result<Received, LiveError> {
     ch.set_timeout(HELLO_TIMEOUT).map_err(|e| LiveError::Channel(e.to_string()))?;
     let (msg, fds) = ch.recv(None)?;
     let hello = match msg {
         Message::Hello(h) => *h,
         m => return Err(LiveError::Protocol(format!("expected Hello, got {}", m.name()))),
     };
+    // Answer in the old process's version.
+    ch.set_version(ch.peer_version());
+    let arbiter = if ch.peer_version() >= 2 { Some(receive_arbiter(ch)?) } else { None };
     die_at("fds-received");
     let fds = check_hello(&hello, fds)?;
     let machine = prepare(&hello, fds.zones, fds.console)?;
-    Ok((machine, hello, fds.api))
+    Ok((machine, hello, fds.api, arbiter))
+}
+
+/// v2: the commit word, which follows the Hello.
+fn receive_arbiter(ch: &mut Channel) -> Result<Arbiter, LiveError> {
+    let (msg, mut fds) = ch.recv(None)?;
+    match msg {
+        Message::Arbiter if fds.len() == 1 => {}
+        Message::Arbiter => return Err(LiveError::Protocol(format!("{} fds came with the Arbiter, not 1", fds.len()))),
+        m => return Err(LiveError::Protocol(format!("expected Arbiter, got {}", m.name()))),
+    }
+    let fd = fds.pop().ok_or_else(|| LiveError::Protocol("no fd came with the Arbiter".into()))?;
+    Arbiter::adopt(fd).map_err(|e| LiveError::Protocol(format!("the commit word: {e}")))
 }
 
 /// The rest of the incoming side, as the gate the new process's vCPU threads wait at:
 /// they are started (and the API socket is set up) while the guest still runs in the
 /// old process. Then: Prepared, the state, the restore (the vCPU threads restoring
-/// their own), Ready, and the commit.
+/// their own), and the commit (v2: the commit word; v1: Ready and Commit).
 pub struct CommitGate {
     channel: Channel,
     committed: Arc<std::sync::atomic::AtomicBool>,
     vcpus: u32,
     vm: Arc<Vm>,
     devices: Arc<Devices>,
+    /// v2: the commit word (v1: the commit is a message).
+    arbiter: Option<Arbiter>,
+    /// When the state had been received and restored (CLOCK_MONOTONIC ns).
+    times: (u64, u64),
 }
 
 impl CommitGate {
@@ -256,7 +282,7 @@ impl CommitGate {
         self.committed.clone()
     }
 
-    /// Prepared, the state, the restore and Ready.
+    /// Prepared, the state, the restore, and (v1) Ready.
     fn restore(&mut self, handoff: &Handoff) -> Result<(), LiveError> {
         handoff.wait_all_waiting(STEP_TIMEOUT).map_err(LiveError::Restore)?;
         let ch = &mut self.channel;
@@ -282,8 +308,16 @@ impl CommitGate {
         handoff.wait_restored(STEP_TIMEOUT).map_err(LiveError::Restore)?;
         let restored_ns = monotonic_ns();
         die_at("restored");
+        if std::env::var(DIE_AT_ENV).is_ok_and(|p| p == "stall-restored") {
+            eprintln!("mosaic: {DIE_AT_ENV}=stall-restored: stalling before the commit");
+            std::thread::sleep(super::source::PAUSED_STEP_TIMEOUT + Duration::from_secs(1));
+        }
         crate::live::trace::mark("all_restored");
-        self.channel.send(&Message::Ready { received_ns, restored_ns }, &[])
+        self.times = (received_ns, restored_ns);
+        match self.arbiter {
+            Some(_) => Ok(()),
+            None => self.channel.send(&Message::Ready { received_ns, restored_ns }, &[]),
+        }
     }
 }
 
@@ -293,6 +327,18 @@ impl crate::run::StartGate for CommitGate {
             let why = crate::error_chain(&e);
             self.channel.fail(&why);
             return Err(format!("live update refused, nothing ran here: {why}"));
+        }
+        if let Some(arbiter) = &self.arbiter {
+            return match arbiter.commit() {
+                Decision::Committed => {
+                    crate::live::trace::mark("commit");
+                    self.committed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                }
+                Decision::Aborted => Err("live update: the old process gave up on it before this one could commit \
+                                          (it timed out or failed) and keeps the guest; nothing ran here"
+                    .into()),
+            };
         }
         let no = |why: String| format!("live update: no commit from the old process ({why}); nothing ran here");
         match self.channel.recv(None) {
@@ -308,7 +354,12 @@ impl crate::run::StartGate for CommitGate {
     }
 
     fn running(&mut self, running_ns: u64) {
-        let _ = self.channel.send(&Message::Running { running_ns }, &[]);
+        let (received_ns, restored_ns) = self.times;
+        let msg = match self.arbiter {
+            Some(_) => Message::Started { received_ns, restored_ns, running_ns },
+            None => Message::Running { running_ns },
+        };
+        let _ = self.channel.send(&msg, &[]);
         crate::live::trace::mark("running_sent");
         if crate::live::trace::on() {
             std::thread::sleep(std::time::Duration::from_millis(5));

@@ -4,23 +4,25 @@
 //! ```text
 //!  old process (source.rs)                 new process (incoming.rs)
 //!  ───────────────────────                 ─────────────────────────
+//!  make the commit word (arbiter.rs)
 //!  start `mosaic run --incoming fd:N`  ─►  (or the operator started it on a socket)
 //!  Hello + fds (zones, console, API) ───►  map the fds, build VM, memslots, vCPUs,
-//!                                          devices                (guest still runs)
+//!  Arbiter + the commit word's fd    ───►  devices                (guest still runs)
 //!                                     ◄─── Prepared
 //!  pause vCPUs, capture state (pause+save)
-//!  State (MOSAICST v2 frame)         ───►  restore VM, vCPUs, devices, attributes
-//!                                     ◄─── Ready                 (nothing runs yet)
-//!  let go of the guest: Commit       ───►  start the vCPUs
-//!                                     ◄─── Running
+//!  State (MOSAICST v2 frame)         ───►  restore VM, vCPUs, devices, attributes;
+//!                                          commit word Pending → Committed; run
+//!                                     ◄─── Started
 //!  answer the API, exit 0                  serve the API socket it was handed
 //! ```
 //!
-//! Until the old process sends Commit it owns the guest: if the new process fails,
-//! dies or stalls at any point before (its Failed message, EOF or a timeout), the old
-//! one resumes the vCPUs and the API call returns the error. After Commit the old
-//! process never runs the guest again.
+//! The guest's owner is decided by one compare-and-swap on the commit word: the new
+//! process runs the guest only after swapping in Committed; the old one resumes it
+//! (when the new process failed, died or stalled) only after swapping in Aborted.
+//! Protocol v1 (older builds: Ready and Commit messages instead of the word) is still
+//! answered by the new process's side (`wire::PROTOCOL_VERSION`).
 
+pub mod arbiter;
 pub mod incoming;
 pub mod source;
 pub mod trace;

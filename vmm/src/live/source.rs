@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::arbiter::{Arbiter, Decision};
 use super::wire::{Channel, Message};
 use super::{FdLayout, Hello, Job, LiveError, Report, Target};
 use crate::run::monotonic_ns;
@@ -17,8 +18,6 @@ pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long any step may take while the guest is paused before the old process gives
 /// up and resumes it.
 pub const PAUSED_STEP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long to poll for an answer while the guest is paused before blocking.
-pub const SPIN: Duration = Duration::from_millis(3);
 /// How long the vCPUs may take to leave KVM_RUN.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -86,6 +85,14 @@ fn expect(ch: &mut Channel, want: &'static str) -> Result<Message, LiveError> {
     }
 }
 
+/// Waits for Started: the new process has committed and runs the guest.
+fn expect_started(ch: &mut Channel) -> Result<(u64, u64, u64), LiveError> {
+    match expect(ch, "Started")? {
+        Message::Started { received_ns, restored_ns, running_ns } => Ok((received_ns, restored_ns, running_ns)),
+        m => Err(LiveError::Protocol(format!("expected Started, got {}", m.name()))),
+    }
+}
+
 /// The time slice asked for once the guest is handed over (Linux 6.12 and later take
 /// it; older kernels ignore it).
 const ASIDE_SLICE_NS: u64 = 100_000;
@@ -149,9 +156,12 @@ pub fn update(job: &Job) -> Result<Report, LiveError> {
         fds: FdLayout { zones: zone_fds.len() as u32, console: console.is_some(), api: true },
     };
 
+    // Made before the new process exists, so that nothing can decide on it early.
+    let arbiter = Arbiter::create().map_err(|e| LiveError::Start(format!("cannot make the commit word: {e}")))?;
     let (mut ch, peer) = connect(&job.target)?;
     ch.set_timeout(PREPARE_TIMEOUT).map_err(|e| LiveError::Channel(e.to_string()))?;
     ch.send(&Message::Hello(Box::new(hello)), &fds)?;
+    ch.send(&Message::Arbiter, &[arbiter.fd().as_raw_fd()])?;
     drop((zone_fds, console));
     let announced = match expect(&mut ch, "Prepared")? {
         Message::Prepared { pid } => pid,
@@ -169,7 +179,7 @@ pub fn update(job: &Job) -> Result<Report, LiveError> {
         return Err(LiveError::Pause);
     };
     crate::live::trace::mark("paused");
-    let paused = (|| -> Result<(u64, u64, usize, u64, u64), LiveError> {
+    let sent = (|| -> Result<(u64, u64, usize), LiveError> {
         let t_paused = captures.iter().flatten().map(|c| c.left_run_ns).max().unwrap_or(t_pause).max(t_pause);
         let mut vcpus = Vec::with_capacity(captures.len());
         for c in captures {
@@ -193,42 +203,36 @@ pub fn update(job: &Job) -> Result<Report, LiveError> {
         let state_bytes = frame.len();
         ch.send(&Message::State(frame), &[])?;
         crate::live::trace::mark("sent");
-        ch.spin_until_readable(SPIN);
-        let (received_ns, restored_ns) = match expect(&mut ch, "Ready")? {
-            Message::Ready { received_ns, restored_ns } => (received_ns, restored_ns),
-            _ => (t_saved, t_saved),
-        };
-        crate::live::trace::mark("ready_seen");
-        Ok((t_paused, t_saved, state_bytes, received_ns, restored_ns))
+        Ok((t_paused, t_saved, state_bytes))
     })();
-    let (t_paused, t_saved, state_bytes, received_ns, restored_ns) = match paused {
-        Ok(v) => v,
-        Err(e) => {
-            ch.fail(&e.to_string());
-            drop(peer);
-            src.ctl.resume();
-            return Err(e);
-        }
+    // The new process decides now: it commits on the shared word once it has
+    // restored everything, runs the guest, then says Started. Nothing is awaited here
+    // while the guest is paused; this thread sleeps until Started (or a failure).
+    let started = sent.and_then(|s| expect_started(&mut ch).map(|t| (s, t)));
+    let decision = match &started {
+        Ok(_) if arbiter.is_committed() => Decision::Committed,
+        _ => arbiter.abort(),
     };
+    if decision == Decision::Aborted {
+        let e = started.err().unwrap_or_else(|| LiveError::Protocol("Started came without a commit".into()));
+        ch.fail(&e.to_string());
+        drop(peer);
+        src.ctl.resume();
+        return Err(e);
+    }
 
-    // The commit point: from here on this process never runs the guest again.
+    // Committed: from here on this process never runs the guest again.
     job.state.handed_over.store(true, Ordering::SeqCst);
-    let committed = ch.send(&Message::Commit, &[]);
-    crate::live::trace::mark("commit_sent");
+    crate::live::trace::mark("committed_seen");
     peer.committed();
     step_aside();
     job.state.new_pid.store(pid, Ordering::SeqCst);
-    let running = committed.and_then(|()| expect(&mut ch, "Running"));
-    let running_ns = match running {
-        Ok(Message::Running { running_ns }) => running_ns,
-        Ok(_) => monotonic_ns(),
-        Err(e) => {
-            return Err(LiveError::Peer(format!(
-                "process {pid} was committed to but did not confirm that the guest runs ({e}); this process has \
-                 let go of the guest"
-            )))
-        }
-    };
+    let ((t_paused, t_saved, state_bytes), (received_ns, restored_ns, running_ns)) = started.map_err(|e| {
+        LiveError::Peer(format!(
+            "process {pid} committed to the guest but did not confirm that it runs ({e}); this process has let go \
+             of the guest"
+        ))
+    })?;
     crate::live::trace::mark("running_seen");
     crate::live::trace::dump("old");
     let us = |a: u64, b: u64| b.saturating_sub(a) / 1000;

@@ -17,12 +17,29 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::{Hello, LiveError};
 use crate::state::format::{FrameKind, HEADER_LEN, TRAILER_LEN};
 
-/// The protocol version this build speaks (and the oldest it accepts).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks.
+///
+/// - 1: Hello, Prepared, State, Ready, Commit, Running: the commit is a round trip
+///   over the socket while the guest is paused.
+/// - 2: Hello, Arbiter, Prepared, State, Started: the commit is decided on a shared
+///   word ([`super::arbiter`]), so nothing crosses the socket between the state and
+///   the guest running again.
+///
+/// A new process answers in the version of the Hello it got, so an older old process
+/// (v1) hands over to this build; this build's Hello is refused by a v1 build (the
+/// update fails and the guest runs on).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version this build speaks.
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
 
 /// Live-update message frames.
-pub const MESSAGES: FrameKind =
-    FrameKind { magic: *b"MOSAICLU", oldest: 1, newest: PROTOCOL_VERSION, what: "a Mosaic live-update message" };
+pub const MESSAGES: FrameKind = FrameKind {
+    magic: *b"MOSAICLU",
+    oldest: OLDEST_PROTOCOL_VERSION,
+    newest: PROTOCOL_VERSION,
+    what: "a Mosaic live-update message",
+};
 
 /// Largest message accepted (the state of 1,024 vCPUs and 16,384 private ranges fits
 /// with room to spare).
@@ -30,13 +47,6 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// Most fds one message may carry (zones, console, API socket).
 pub const MAX_FDS: usize = 64;
-
-/// Whether polling beats sleeping while the guest is paused: with a second CPU, the
-/// thread it waits for runs meanwhile; with one, polling only delays it.
-fn spinning_helps() -> bool {
-    static MANY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *MANY.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2)
-}
 
 /// Sorts a socket error: the peer gone (EOF, reset, broken pipe), a timeout, or else.
 fn io_error(e: io::Error) -> LiveError {
@@ -77,6 +87,17 @@ pub enum Message {
     },
     /// Either way: this side gives up, and why.
     Failed(String),
+    /// v2, old → new, right after the Hello: the commit word's memfd comes with it.
+    Arbiter,
+    /// v2, new → old: committed (on the commit word) and the vCPUs run.
+    Started {
+        /// CLOCK_MONOTONIC (ns) when the state had been received.
+        received_ns: u64,
+        /// CLOCK_MONOTONIC (ns) when the restore was done.
+        restored_ns: u64,
+        /// CLOCK_MONOTONIC (ns) when the first vCPU thread was about to enter KVM_RUN.
+        running_ns: u64,
+    },
 }
 
 impl Message {
@@ -90,6 +111,8 @@ impl Message {
             Message::Commit => "Commit",
             Message::Running { .. } => "Running",
             Message::Failed(_) => "Failed",
+            Message::Arbiter => "Arbiter",
+            Message::Started { .. } => "Started",
         }
     }
 }
@@ -98,6 +121,10 @@ impl Message {
 #[derive(Debug)]
 pub struct Channel {
     sock: UnixStream,
+    /// The version this end sends.
+    version: u32,
+    /// The version of the last frame received.
+    peer_version: u32,
 }
 
 /// Where a receive stops early, for the fault-injection hook.
@@ -106,29 +133,23 @@ pub type PartialHook<'a> = Option<&'a dyn Fn(usize, usize)>;
 impl Channel {
     /// Wraps a connected stream socket.
     pub fn new(sock: UnixStream) -> Self {
-        Channel { sock }
+        Channel { sock, version: PROTOCOL_VERSION, peer_version: PROTOCOL_VERSION }
+    }
+
+    /// Sends in protocol `version` from now on (a new process answers in its old
+    /// process's version; tests play older processes).
+    pub fn set_version(&mut self, version: u32) {
+        self.version = version;
+    }
+
+    /// The protocol version of the last message received.
+    pub fn peer_version(&self) -> u32 {
+        self.peer_version
     }
 
     /// The socket (tests send raw bytes through it).
     pub fn raw(&self) -> &UnixStream {
         &self.sock
-    }
-
-    /// Polls (without sleeping) until a message starts to arrive or `max` passes.
-    /// Used only while the guest is paused, when the CPUs are idle: a wake-up from a
-    /// blocking read costs tens of microseconds on these hosts, each on the guest's
-    /// downtime. It yields the CPU between polls (so a process it waits for on the
-    /// same CPU still runs) and does nothing on a single-CPU host.
-    pub fn spin_until_readable(&self, max: Duration) {
-        if !spinning_helps() {
-            return;
-        }
-        let start = std::time::Instant::now();
-        let mut p = libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll with a zero timeout on one valid pollfd we own.
-        while unsafe { libc::poll(&mut p, 1, 0) } == 0 && start.elapsed() < max {
-            crate::run::yield_cpu();
-        }
     }
 
     /// Waits (sleeping) until a message starts to arrive, up to `timeout`.
@@ -160,7 +181,7 @@ impl Channel {
     /// Sends `msg` with `fds` (SCM_RIGHTS, attached to its first bytes).
     pub fn send(&mut self, msg: &Message, fds: &[RawFd]) -> Result<(), LiveError> {
         let payload = postcard::to_stdvec(msg).map_err(|e| LiveError::Protocol(format!("cannot encode: {e}")))?;
-        let frame = MESSAGES.seal(PROTOCOL_VERSION, &payload);
+        let frame = MESSAGES.seal(self.version, &payload);
         let io_err = |e: io::Error| LiveError::Channel(format!("sending {}: {e}", msg.name()));
         let mut sent = 0;
         if !fds.is_empty() {
@@ -191,7 +212,8 @@ impl Channel {
         } else {
             self.sock.read_exact(&mut frame[HEADER_LEN..]).map_err(io_err)?;
         }
-        let (_, payload) = MESSAGES.open(&frame, MAX_MESSAGE).map_err(LiveError::Refused)?;
+        let (version, payload) = MESSAGES.open(&frame, MAX_MESSAGE).map_err(LiveError::Refused)?;
+        self.peer_version = version;
         match postcard::take_from_bytes::<Message>(payload) {
             Ok((msg, [])) => Ok((msg, fds)),
             Ok(_) => Err(LiveError::Protocol("bytes after the message".into())),
