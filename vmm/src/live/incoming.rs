@@ -243,6 +243,8 @@ fn receive_on(ch: &mut Channel) -> Result<Received, LiveError> {
     let arbiter = if ch.peer_version() >= 2 { Some(receive_arbiter(ch)?) } else { None };
     die_at("fds-received");
     let fds = check_hello(&hello, fds)?;
+    // This thread receives and decodes the state during the pause.
+    super::warm::for_pause(hello.vcpus);
     let machine = prepare(&hello, fds.zones, fds.console)?;
     Ok((machine, hello, fds.api, arbiter))
 }

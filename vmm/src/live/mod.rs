@@ -26,6 +26,7 @@ pub mod arbiter;
 pub mod incoming;
 pub mod source;
 pub mod trace;
+pub mod warm;
 pub mod wire;
 
 use std::os::fd::OwnedFd;

@@ -97,15 +97,9 @@ fn expect_started(ch: &mut Channel) -> Result<(u64, u64, u64), LiveError> {
 /// it; older kernels ignore it).
 const ASIDE_SLICE_NS: u64 = 100_000;
 
-/// Lowers every thread of this process to nice 19, with a short time slice, once the
-/// guest is handed over. What is left here (the API answer, tearing the old VM down:
-/// a few ms of CPU, more to unmap large memfd zones) then takes no CPU time the new
-/// process's vCPU threads want at once, and never more than ~100 µs at a stretch
-/// later. Left at normal priority, the woken update thread was seen to preempt the
-/// guest's vCPU for 400 µs right after its resume.
-pub fn step_aside() {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
-    let attr = libc::sched_attr {
+/// What threads of a process that has handed its guest over run with.
+fn aside_attr() -> libc::sched_attr {
+    libc::sched_attr {
         size: std::mem::size_of::<libc::sched_attr>() as u32,
         sched_policy: libc::SCHED_OTHER as u32,
         sched_flags: 0,
@@ -114,15 +108,58 @@ pub fn step_aside() {
         sched_runtime: ASIDE_SLICE_NS,
         sched_deadline: 0,
         sched_period: 0,
-    };
+    }
+}
+
+/// Sets `attr` on thread `tid` (0: the calling one); where the kernel refuses the
+/// slice, the nice value alone.
+fn set_sched(tid: libc::pid_t, attr: &libc::sched_attr) {
+    // SAFETY: sched_setattr on one of this process's own threads, reading a valid
+    // sched_attr of the size it states.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, attr, 0u32) };
+    if r != 0 {
+        // SAFETY: setpriority on one of this process's own threads.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, attr.sched_nice) };
+    }
+}
+
+/// Lowers every thread of this process to nice 19, with a short time slice, once the
+/// guest is handed over. What is left here (the API answer, tearing the old VM down:
+/// a few ms of CPU, more to unmap large memfd zones) then takes no CPU time the new
+/// process's vCPU threads want at once, and never more than ~100 µs at a stretch
+/// later. Left at normal priority, the woken update thread was seen to preempt the
+/// guest's vCPU for 400 µs right after its resume.
+pub fn step_aside() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
+    let attr = aside_attr();
     for tid in tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse::<libc::pid_t>().ok()) {
-        // SAFETY: sched_setattr on one of this process's own threads, reading a valid
-        // sched_attr of the size it states.
-        let r = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &attr, 0u32) };
-        if r != 0 {
-            // A kernel that refuses the slice still takes the nice value.
-            // SAFETY: setpriority on one of this process's own threads.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
+        set_sched(tid, &attr);
+    }
+}
+
+/// The calling thread, lowered as [`step_aside`] lowers all, until [`Lowered::undo`].
+struct Lowered(Option<libc::sched_attr>);
+
+impl Lowered {
+    /// Lowers the calling thread: the update thread, once it has sent the state. It
+    /// sleeps until the new process's answer, which comes once the guest runs there:
+    /// lowered, it wakes without preempting the guest's vCPUs.
+    fn this_thread() -> Self {
+        // SAFETY: sched_attr is plain data; all zeros is valid.
+        let mut saved: libc::sched_attr = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::sched_attr>() as u32;
+        // SAFETY: sched_getattr of the calling thread into a sched_attr of the size
+        // we state.
+        let r = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut saved, size, 0u32) };
+        set_sched(0, &aside_attr());
+        Lowered((r == 0).then_some(saved))
+    }
+
+    /// Back to what the thread had: the update failed and this process keeps the
+    /// guest.
+    fn undo(self) {
+        if let Some(attr) = self.0 {
+            set_sched(0, &attr);
         }
     }
 }
@@ -132,6 +169,8 @@ pub fn step_aside() {
 pub fn update(job: &Job) -> Result<Report, LiveError> {
     let src = &*job.source;
     let t_start = monotonic_ns();
+    // This thread encodes and sends the state during the pause.
+    super::warm::for_pause(src.ctl.vcpus());
     let mem = src.vm.memory();
     let zone_fds: Vec<OwnedFd> = (0..mem.layout().zones().len())
         .map(|z| {
@@ -205,6 +244,7 @@ pub fn update(job: &Job) -> Result<Report, LiveError> {
         crate::live::trace::mark("sent");
         Ok((t_paused, t_saved, state_bytes))
     })();
+    let lowered = Lowered::this_thread();
     // The new process decides now: it commits on the shared word once it has
     // restored everything, runs the guest, then says Started. Nothing is awaited here
     // while the guest is paused; this thread sleeps until Started (or a failure).
@@ -214,6 +254,7 @@ pub fn update(job: &Job) -> Result<Report, LiveError> {
         _ => arbiter.abort(),
     };
     if decision == Decision::Aborted {
+        lowered.undo();
         let e = started.err().unwrap_or_else(|| LiveError::Protocol("Started came without a commit".into()));
         ch.fail(&e.to_string());
         drop(peer);

@@ -192,6 +192,34 @@ mod tests {
         matches!(index, vcpu::MSR_IA32_TSC)
     }
 
+    /// Captures read the FPU state from the XSAVE area's legacy region instead of
+    /// KVM_GET_FPU: both must say the same (MXCSR aside: KVM_GET_FPU leaves it 0).
+    #[test]
+    fn the_fpu_state_read_from_xsave_is_what_kvm_get_fpu_says() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let (_vm, vcpu) = vm_with_vcpu(&kvm, true);
+        let mut x = vcpu.get_xsave().expect("KVM_GET_XSAVE");
+        // Distinct bytes in the whole legacy region (the FXSAVE image), then
+        // XSTATE_BV's x87 and SSE bits, so that KVM takes them.
+        for (i, w) in x.region[..128].iter_mut().enumerate() {
+            *w = 0x0101_0101u32.wrapping_mul(i as u32 + 1);
+        }
+        x.region[6] = 0x1f80; // MXCSR: a valid value
+        x.region[7] = 0xffff; // MXCSR_MASK
+        x.region[128] |= 3;
+        // SAFETY: a 4 KiB kvm_xsave (KVM_CAP_XSAVE2 is 4096 for this process: no
+        // dynamic XSTATE features are asked for), alive for the call.
+        unsafe { vcpu.set_xsave(&x) }.unwrap();
+        let x = vcpu.get_xsave().unwrap();
+        let mut from_kvm = vcpu::FpuState::from(&vcpu.get_fpu().unwrap());
+        let from_xsave = vcpu::FpuState::from_xsave(&x);
+        assert_eq!(from_xsave.mxcsr, 0x1f80);
+        from_kvm.mxcsr = from_xsave.mxcsr;
+        assert_eq!(from_xsave, from_kvm);
+        assert_ne!(from_xsave.xmm[15], [0; 16]);
+        assert_ne!(from_xsave.fpr[7], [0; 16]);
+    }
+
     #[test]
     fn vcpu_and_vm_state_round_trip_into_a_second_vm() {
         let kvm = Kvm::new().expect("/dev/kvm");

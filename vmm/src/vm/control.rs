@@ -221,20 +221,37 @@ impl RunControl {
         let deadline = Instant::now() + timeout;
         let rekick_until = Instant::now() + Duration::from_millis(5);
         let Ok(mut n) = self.paused.lock() else { return false };
+        let mut kicked: Option<Instant> = None;
         loop {
             let active = self.vcpus.saturating_sub(self.parked.load(Ordering::SeqCst));
             if *n >= active || self.stopping() {
                 return true;
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return false;
             }
-            kick();
-            let wait = if Instant::now() < rekick_until { REKICK } else { Duration::from_millis(1) };
-            n = match self.pause_cv.wait_timeout(n, wait) {
-                Ok((g, _)) => g,
-                Err(_) => return false,
-            };
+            let wait = if now < rekick_until { REKICK } else { Duration::from_millis(1) };
+            if kicked.is_none_or(|k| now.duration_since(k) >= wait) {
+                kick();
+                kicked = Some(now);
+            }
+            if *n > 0 {
+                // A vCPU has paused, so a CPU is free: poll for the others there rather
+                // than sleep (each wake-up costs tens of µs on a nested host, and the
+                // first one overlaps the other vCPUs' captures).
+                drop(n);
+                crate::run::yield_cpu();
+                n = match self.paused.lock() {
+                    Ok(g) => g,
+                    Err(_) => return false,
+                };
+            } else {
+                n = match self.pause_cv.wait_timeout(n, wait) {
+                    Ok((g, _)) => g,
+                    Err(_) => return false,
+                };
+            }
         }
     }
 
