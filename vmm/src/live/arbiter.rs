@@ -169,6 +169,11 @@ impl Arbiter {
         }
     }
 
+    /// Whether the old process has kept the guest (a read; decides nothing).
+    pub fn is_aborted(&self) -> bool {
+        self.word().load(Ordering::SeqCst) == ABORTED
+    }
+
     /// Whether the new process has committed (a read; decides nothing).
     pub fn is_committed(&self) -> bool {
         self.word().load(Ordering::SeqCst) == COMMITTED

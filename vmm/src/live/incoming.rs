@@ -217,7 +217,7 @@ pub fn receive(incoming: &Incoming) -> Result<Adopted, LiveError> {
                 vcpus: hello.vcpus,
                 vm: machine.vm.clone(),
                 devices: machine.devices.clone(),
-                arbiter,
+                arbiter: arbiter.map(Arc::new),
                 times: (0, 0),
             };
             Ok(Adopted { machine, api, zones, info: hello.info, gate })
@@ -272,7 +272,7 @@ pub struct CommitGate {
     vm: Arc<Vm>,
     devices: Arc<Devices>,
     /// v2: the commit word (v1: the commit is a message).
-    arbiter: Option<Arbiter>,
+    arbiter: Option<Arc<Arbiter>>,
     /// When the state had been received and restored (CLOCK_MONOTONIC ns).
     times: (u64, u64),
 }
@@ -306,41 +306,68 @@ impl CommitGate {
         let state = format::decode_state(&frame, MAX_MESSAGE).map_err(LiveError::Refused)?;
         crate::live::trace::mark("decoded");
         let (vcpus, captured_ns) = restore_vm(self, state)?;
+        if let Some(arbiter) = self.arbiter.clone() {
+            // v2: the last vCPU thread restored commits and runs its vCPU at once;
+            // this thread sleeps meanwhile.
+            handoff.set_committer(committer(arbiter.clone(), self.committed.clone()));
+            handoff.post(vcpus, captured_ns);
+            let restored_ns = match handoff.wait_decided(STEP_TIMEOUT) {
+                Some(Ok(ns)) => ns,
+                Some(Err(_)) if arbiter.is_aborted() => return Err(LiveError::Aborted),
+                Some(Err(why)) => return Err(LiveError::Restore(why)),
+                // Not decided in time: decide here. A vCPU thread may just have
+                // committed; then the guest runs.
+                None => match arbiter.abort() {
+                    Decision::Aborted => {
+                        return Err(LiveError::Restore(format!("the vCPUs were not restored in {STEP_TIMEOUT:?}")))
+                    }
+                    Decision::Committed => monotonic_ns(),
+                },
+            };
+            self.times = (received_ns, restored_ns);
+            return Ok(());
+        }
         handoff.post(vcpus, captured_ns);
         handoff.wait_restored(STEP_TIMEOUT).map_err(LiveError::Restore)?;
         let restored_ns = monotonic_ns();
+        die_at("restored");
+        crate::live::trace::mark("all_restored");
+        self.times = (received_ns, restored_ns);
+        self.channel.send(&Message::Ready { received_ns, restored_ns }, &[])
+    }
+}
+
+/// v2: what the last vCPU thread restored runs: the commit on the shared word (and
+/// the fault-injection hooks of the `restored` phase).
+fn committer(arbiter: Arc<Arbiter>, committed: Arc<std::sync::atomic::AtomicBool>) -> crate::vm::handoff::Committer {
+    Box::new(move || {
         die_at("restored");
         if std::env::var(DIE_AT_ENV).is_ok_and(|p| p == "stall-restored") {
             eprintln!("mosaic: {DIE_AT_ENV}=stall-restored: stalling before the commit");
             std::thread::sleep(super::source::PAUSED_STEP_TIMEOUT + Duration::from_secs(1));
         }
-        crate::live::trace::mark("all_restored");
-        self.times = (received_ns, restored_ns);
-        match self.arbiter {
-            Some(_) => Ok(()),
-            None => self.channel.send(&Message::Ready { received_ns, restored_ns }, &[]),
+        match arbiter.commit() {
+            Decision::Committed => {
+                committed.store(true, std::sync::atomic::Ordering::SeqCst);
+                crate::live::trace::mark("commit");
+                Ok(())
+            }
+            Decision::Aborted => Err(LiveError::Aborted.to_string()),
         }
-    }
+    })
 }
 
 impl crate::run::StartGate for CommitGate {
     fn wait_open(&mut self, _ctl: &crate::vm::control::RunControl, handoff: &Handoff) -> Result<(), String> {
-        if let Err(e) = self.restore(handoff) {
-            let why = crate::error_chain(&e);
-            self.channel.fail(&why);
-            return Err(format!("live update refused, nothing ran here: {why}"));
-        }
-        if let Some(arbiter) = &self.arbiter {
-            return match arbiter.commit() {
-                Decision::Committed => {
-                    crate::live::trace::mark("commit");
-                    self.committed.store(true, std::sync::atomic::Ordering::SeqCst);
-                    Ok(())
-                }
-                Decision::Aborted => Err("live update: the old process gave up on it before this one could commit \
-                                          (it timed out or failed) and keeps the guest; nothing ran here"
-                    .into()),
-            };
+        match self.restore(handoff) {
+            Ok(()) if self.arbiter.is_some() => return Ok(()),
+            Ok(()) => {}
+            Err(e @ LiveError::Aborted) => return Err(format!("live update: {e}; nothing ran here")),
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                self.channel.fail(&why);
+                return Err(format!("live update refused, nothing ran here: {why}"));
+            }
         }
         let no = |why: String| format!("live update: no commit from the old process ({why}); nothing ran here");
         match self.channel.recv(None) {

@@ -78,6 +78,10 @@ pub enum LiveError {
     /// Capturing the state failed.
     #[error("cannot capture the VM state: {0}")]
     Capture(String),
+    /// The old process gave up on the update (protocol v2's commit word says so)
+    /// before the new one could commit.
+    #[error("the old process gave up on it before this one could commit (it timed out or failed) and keeps the guest")]
+    Aborted,
     /// Building or restoring the VM in the new process failed.
     #[error("cannot restore the VM: {0}")]
     Restore(String),

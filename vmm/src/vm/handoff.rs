@@ -7,10 +7,15 @@
 //!  ────────────────                     ─────────────────────────────────────────────
 //!                                       take(i): sleeps
 //!  arriving(): the state is coming ───► wakes, polls (the wake-up overlaps the read)
-//!  post(entries) ──────────────────────► restores entry i, report(i, result)
-//!  wait_restored() ◄───────────────────  polls the gate (RunControl::hold) until the
+//!  set_committer(c); post(entries) ────► restores entry i, report(i, result); the
+//!                                        last to report, all restored, runs c (the
+//!                                        commit) and, committed, opens the gate
+//!  wait_decided() (sleeps) ◄───────────  polls the gate (RunControl::hold) until the
 //!                                        commit opens it
 //! ```
+//!
+//! With no committer (protocol v1, where the commit is a message), the receiving
+//! thread polls with `wait_restored` and commits itself.
 //!
 //! Polling yields the CPU each time, and only happens while the guest is paused and
 //! the CPUs would otherwise sleep: waking a sleeping CPU costs tens of microseconds on
@@ -37,7 +42,14 @@ struct Slots {
     entries: Vec<Option<VcpuEntry>>,
     captured_ns: u64,
     errors: Vec<(u32, String)>,
+    /// What the committer decided: the time all were restored (CLOCK_MONOTONIC ns),
+    /// or why not.
+    decided: Option<Result<u64, String>>,
 }
+
+/// Run by the last vCPU thread to be restored (all of them restored): commits the
+/// update, or says why not.
+pub type Committer = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 /// What [`Handoff::take`] gives a vCPU thread.
 #[derive(Debug)]
@@ -49,18 +61,34 @@ pub enum Take {
 }
 
 /// See the module docs.
-#[derive(Debug)]
 pub struct Handoff {
     vcpus: u32,
     slots: Mutex<Slots>,
     cv: Condvar,
     reported: AtomicU32,
+    committer: Mutex<Option<Committer>>,
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff")
+            .field("vcpus", &self.vcpus)
+            .field("slots", &self.slots)
+            .field("reported", &self.reported)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Handoff {
     /// A handoff for `vcpus` vCPU threads.
     pub fn new(vcpus: u32) -> Self {
-        Handoff { vcpus, slots: Mutex::default(), cv: Condvar::new(), reported: AtomicU32::new(0) }
+        Handoff {
+            vcpus,
+            slots: Mutex::default(),
+            cv: Condvar::new(),
+            reported: AtomicU32::new(0),
+            committer: Mutex::new(None),
+        }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Slots) -> R) -> Option<R> {
@@ -149,12 +177,56 @@ impl Handoff {
         }
     }
 
-    /// vCPU thread `index` is done with its entry: restored, or why not.
-    pub fn report(&self, index: u32, result: Result<(), String>) {
+    /// Has the last vCPU thread to be restored commit (before [`Handoff::post`]).
+    pub fn set_committer(&self, c: Committer) {
+        if let Ok(mut slot) = self.committer.lock() {
+            *slot = Some(c);
+        }
+    }
+
+    /// vCPU thread `index` is done with its entry: restored, or why not. Returns true
+    /// if this call committed the update (the caller then opens the gate).
+    pub fn report(&self, index: u32, result: Result<(), String>) -> bool {
         if let Err(e) = result {
             self.with(|s| s.errors.push((index, e)));
         }
-        self.reported.fetch_add(1, Ordering::SeqCst);
+        let n = self.reported.fetch_add(1, Ordering::SeqCst) + 1;
+        if n != self.vcpus {
+            return false;
+        }
+        let Some(commit) = self.committer.lock().ok().and_then(|mut c| c.take()) else { return false };
+        let restored_ns = crate::run::monotonic_ns();
+        let decided = match self.first_error() {
+            Some(e) => Err(e),
+            None => commit().map(|()| restored_ns),
+        };
+        let committed = decided.is_ok();
+        self.with(|s| s.decided = Some(decided));
+        committed
+    }
+
+    /// The first error (by vCPU) of those reported.
+    fn first_error(&self) -> Option<String> {
+        let mut errors = self.slots.lock().map(|s| s.errors.clone()).unwrap_or_default();
+        errors.sort();
+        errors.into_iter().next().map(|(i, e)| format!("vCPU {i}: {e}"))
+    }
+
+    /// Waits (sleeping, up to `timeout`) for the committer's decision: when every
+    /// vCPU was restored and the update committed, or why not. `None` on a timeout.
+    pub fn wait_decided(&self, timeout: Duration) -> Option<Result<u64, String>> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.slots.lock().ok()?;
+        loop {
+            if let Some(d) = g.decided.take() {
+                return Some(d);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            g = self.cv.wait_timeout(g, left).ok()?.0;
+        }
     }
 
     /// Polls until every vCPU thread has reported, up to `timeout`; the first error
@@ -171,10 +243,8 @@ impl Handoff {
             }
             yield_cpu();
         }
-        let mut errors = self.slots.lock().map(|s| s.errors.clone()).unwrap_or_default();
-        errors.sort();
-        match errors.into_iter().next() {
-            Some((i, e)) => Err(format!("vCPU {i}: {e}")),
+        match self.first_error() {
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -299,5 +369,43 @@ mod tests {
         assert!(t.join().unwrap());
         let e = Handoff::new(1).wait_restored(Duration::from_millis(10)).unwrap_err();
         assert!(e.contains("0 of 1 vCPUs"), "{e}");
+    }
+
+    #[test]
+    fn the_last_thread_restored_commits_unless_one_failed() {
+        use std::sync::atomic::AtomicBool;
+        for fail in [false, true] {
+            let h = Arc::new(Handoff::new(2));
+            let ran = Arc::new(AtomicBool::new(false));
+            let r = ran.clone();
+            h.set_committer(Box::new(move || {
+                r.store(true, Ordering::SeqCst);
+                Ok(())
+            }));
+            let threads: Vec<_> = (0..2u32)
+                .map(|i| {
+                    let h = h.clone();
+                    std::thread::spawn(move || match h.take(i) {
+                        Take::Restore(..) => h.report(i, if fail && i == 0 { Err("refused".into()) } else { Ok(()) }),
+                        Take::Abort => panic!("aborted"),
+                    })
+                })
+                .collect();
+            h.wait_all_waiting(Duration::from_secs(5)).unwrap();
+            h.post(vec![entry(1), entry(2)], 5);
+            let committed: Vec<bool> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let decided = h.wait_decided(Duration::from_secs(5)).expect("decided");
+            if fail {
+                assert_eq!(decided.unwrap_err(), "vCPU 0: refused");
+                assert!(!ran.load(Ordering::SeqCst));
+                assert_eq!(committed, [false, false]);
+            } else {
+                assert!(decided.unwrap() > 0);
+                assert!(ran.load(Ordering::SeqCst));
+                assert_eq!(committed.iter().filter(|&&c| c).count(), 1, "exactly one thread commits");
+            }
+        }
+        // Nothing reported: no decision.
+        assert!(Handoff::new(1).wait_decided(Duration::from_millis(10)).is_none());
     }
 }

@@ -172,8 +172,10 @@ fn restore_handed(
     };
     crate::live::trace::mark_vcpu("restoring", index);
     let Some(state) = entry.kvm.as_ref() else {
-        handoff.report(index, Ok(()));
         ctl.park();
+        if handoff.report(index, Ok(())) {
+            ctl.resume();
+        }
         return Err(VcpuState::Parked);
     };
     let (cpuid, tsc_khz) = (state.cpuid.clone(), state.tsc_khz);
@@ -183,7 +185,10 @@ fn restore_handed(
                 f.restored(cpuid, tsc_khz);
             }
             crate::live::trace::mark_vcpu("restored", index);
-            handoff.report(index, Ok(()));
+            // The last one restored commits (protocol v2) and opens the gate at once.
+            if handoff.report(index, Ok(())) {
+                ctl.resume();
+            }
             Ok(ports)
         }
         Err(e) => {
