@@ -11,6 +11,18 @@ use hugepage::{PoolError, ShmemEnabled, ThpEnabled, ThpSettings};
 use serde::Serialize;
 use thiserror::Error;
 
+/// What to do about a short pool: grow it, or (where reserve=auto already tried, with
+/// `auto` saying how that went) free memory; or fall back.
+fn short_pool_hint(auto: Option<&str>, fix_total: u64, nr_path: &str) -> String {
+    match auto {
+        Some(how) => format!(
+            "reserve=auto could not grow it further ({how}: the kernel found no more free, unfragmented memory); \
+             free some memory, or add fallback=thp|4k"
+        ),
+        None => format!("run 'echo {fix_total} > {nr_path}' as root, or add reserve=auto or fallback=thp|4k"),
+    }
+}
+
 /// Errors that stop a run before it starts (exit code 2).
 #[derive(Debug, Error)]
 pub enum PreflightError {
@@ -21,10 +33,7 @@ pub enum PreflightError {
         missing: String,
     },
     /// The hugetlb pool is short and the zone has no fallback.
-    #[error(
-        "--memory: zone {zone}: hugetlb {page} needs {needed} free pages, the pool has {available}; \
-         run 'echo {fix_total} > {nr_path}' as root, or add reserve=auto or fallback=thp|4k"
-    )]
+    #[error("--memory: zone {zone}: hugetlb {page} needs {needed} free pages, the pool has {available}; {hint}")]
     PoolShort {
         /// Zone index.
         zone: usize,
@@ -34,10 +43,8 @@ pub enum PreflightError {
         needed: u64,
         /// Pages available to it.
         available: u64,
-        /// Pool size that would fit it.
-        fix_total: u64,
-        /// The sysfs file to write.
-        nr_path: String,
+        /// What to do about it.
+        hint: String,
     },
     /// No pool of that page size.
     #[error("--memory: zone {zone}: this host has no hugetlb pool of {page} pages")]
@@ -312,15 +319,27 @@ pub fn run_at(root: &Path, layout: &MemoryLayout) -> Result<Preflight, Preflight
                     zones[i].backend = spec;
                 }
                 None => {
+                    // What the pool must hold, without any growth of ours (which is
+                    // given back when this error drops the reservations).
+                    let fix_total = pool.total + needed_so_far.saturating_sub(available_before);
+                    let hint = if zones[i].backend.reserve == Reserve::Auto {
+                        format!(
+                            "reserve=auto could not grow it further (the kernel found no more free, unfragmented \
+                             memory: {}); free some memory, or add fallback=thp|4k",
+                            notes[i].as_deref().unwrap_or("no growth")
+                        )
+                    } else {
+                        format!(
+                            "run 'echo {fix_total} > {}' as root, or add reserve=auto or fallback=thp|4k",
+                            nr_path(root, page)
+                        )
+                    };
                     return Err(PreflightError::PoolShort {
                         zone: i,
                         page: label,
                         needed: pages,
                         available: left,
-                        // What the pool must hold, without any growth of ours (which is
-                        // given back when this error drops the reservations).
-                        fix_total: pool.total + needed_so_far.saturating_sub(available_before),
-                        nr_path: nr_path(root, page),
+                        hint,
                     });
                 }
             }
@@ -441,6 +460,15 @@ mod tests {
         assert!(e.contains("echo 512 > ") && e.contains("hugepages-2048kB/nr_hugepages"), "{e}");
         let e = run_at(&fs.0, &layout(&["size=2G,backend=hugetlb,page-size=1G"])).unwrap_err().to_string();
         assert_eq!(e, "--memory: zone 0: this host has no hugetlb pool of 1G pages");
+    }
+
+    #[test]
+    fn a_pool_reserve_auto_could_not_grow_enough_says_so() {
+        let h = short_pool_hint(Some("pool grown by 2596 of 8192 pages asked (reserve=auto)"), 9000, "/sys/x");
+        assert!(h.contains("reserve=auto could not grow it further (pool grown by 2596 of 8192"), "{h}");
+        assert!(h.contains("fallback=thp|4k") && !h.contains("add reserve=auto") && !h.contains("echo"), "{h}");
+        let h = short_pool_hint(None, 9000, "/sys/x");
+        assert_eq!(h, "run 'echo 9000 > /sys/x' as root, or add reserve=auto or fallback=thp|4k");
     }
 
     #[test]
