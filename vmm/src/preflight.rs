@@ -322,18 +322,8 @@ pub fn run_at(root: &Path, layout: &MemoryLayout) -> Result<Preflight, Preflight
                     // What the pool must hold, without any growth of ours (which is
                     // given back when this error drops the reservations).
                     let fix_total = pool.total + needed_so_far.saturating_sub(available_before);
-                    let hint = if zones[i].backend.reserve == Reserve::Auto {
-                        format!(
-                            "reserve=auto could not grow it further (the kernel found no more free, unfragmented \
-                             memory: {}); free some memory, or add fallback=thp|4k",
-                            notes[i].as_deref().unwrap_or("no growth")
-                        )
-                    } else {
-                        format!(
-                            "run 'echo {fix_total} > {}' as root, or add reserve=auto or fallback=thp|4k",
-                            nr_path(root, page)
-                        )
-                    };
+                    let auto = (zones[i].backend.reserve == Reserve::Auto).then(|| notes[i].as_deref().unwrap_or(""));
+                    let hint = short_pool_hint(auto, fix_total, &nr_path(root, page));
                     return Err(PreflightError::PoolShort {
                         zone: i,
                         page: label,
