@@ -239,6 +239,8 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
             first_run = false;
             if let Some(p) = placement.as_mut() {
                 p.release();
+                // It polled (yielding) for its entry and for the commit.
+                crate::run::clear_yield_debt();
             }
             ctl.note_first_run();
             crate::live::trace::mark_vcpu("first_run", index);
