@@ -90,6 +90,22 @@ pub fn clear_yield_debt() {
     unsafe { libc::nanosleep(&t, std::ptr::null_mut()) };
 }
 
+/// One wait of a thread that polls during a live update's pause and then runs the
+/// guest: mostly [`yield_cpu`], but every [`POLL_DEBT_EVERY`]th time a short sleep
+/// ([`clear_yield_debt`]), so the yields' debt never grows large enough for the
+/// poller to lose its CPU to other tasks when what it waits for has come.
+pub fn poll_wait(polls: &mut u32) {
+    *polls = polls.wrapping_add(1);
+    if polls.is_multiple_of(POLL_DEBT_EVERY) {
+        clear_yield_debt();
+    } else {
+        yield_cpu();
+    }
+}
+
+/// See [`poll_wait`].
+const POLL_DEBT_EVERY: u32 = 16;
+
 /// `CLOCK_MONOTONIC` now, in ns.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

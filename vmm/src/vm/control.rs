@@ -297,8 +297,9 @@ impl RunControl {
     /// (see `vm::handoff`).
     pub fn poll_while_held(&self, max: Duration) {
         let since = Instant::now();
+        let mut polls = 0;
         while self.pause_requested() && !self.stopping() && since.elapsed() < max {
-            crate::run::yield_cpu();
+            crate::run::poll_wait(&mut polls);
         }
     }
 

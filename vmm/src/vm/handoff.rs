@@ -150,6 +150,7 @@ impl Handoff {
             };
         }
         let since = Instant::now();
+        let mut polls = 0;
         loop {
             if g.aborted {
                 return Take::Abort;
@@ -163,7 +164,7 @@ impl Handoff {
             }
             if since.elapsed() < POLL_FOR {
                 drop(g);
-                yield_cpu();
+                crate::run::poll_wait(&mut polls);
                 g = match self.slots.lock() {
                     Ok(g) => g,
                     Err(_) => return Take::Abort,
