@@ -9,7 +9,7 @@ pub mod routes;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -126,6 +126,42 @@ impl ApiContext {
     }
 }
 
+/// Binds a listening socket at `path`, which appears only once it listens and is
+/// 0600: bound under a temporary name in the same directory, then renamed (never over
+/// an existing file). A client that saw the path and connected at once was refused
+/// (ECONNREFUSED) when it came between bind and listen, or found it with the umask's
+/// mode before the chmod.
+fn bind_private(path: &Path) -> Result<UnixListener, ApiError> {
+    let err = |source| ApiError::Bind { path: path.to_path_buf(), source };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let Ok(listener) = UnixListener::bind(&tmp) else {
+        // The longer name may not fit a socket address: bind in place.
+        let listener = UnixListener::bind(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        return Ok(listener);
+    };
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).and_then(|()| {
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other);
+        let (from, to) = (c(&tmp)?, c(path)?);
+        // SAFETY: renameat2 reads two NUL-terminated paths that live for the call.
+        let r = unsafe {
+            libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(listener)
+}
+
 /// The listening socket; removed from the filesystem when dropped.
 pub struct ApiServer {
     listener: UnixListener,
@@ -142,10 +178,7 @@ impl ApiServer {
                 if path.exists() {
                     return Err(ApiError::Exists(path));
                 }
-                let err = |source| ApiError::Bind { path: path.clone(), source };
-                let listener = UnixListener::bind(&path).map_err(err)?;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-                (listener, path)
+                (bind_private(&path)?, path)
             }
             ApiSocket::Inherited { path, fd } => (UnixListener::from(fd), path),
         };
@@ -208,5 +241,31 @@ impl MutEventSubscriber for ApiServer {
 
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::new_raw(self.listener.as_raw_fd(), EventSet::IN));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_appears_listening_private_and_never_over_a_file() {
+        let dir = std::env::temp_dir().join(format!("mosaic-api-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = bind_private(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // Nothing left under the temporary name.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        UnixStream::connect(&path).unwrap();
+        assert!(listener.accept().is_ok());
+        // An existing file is never replaced.
+        let other = dir.join("taken");
+        std::fs::write(&other, b"keep").unwrap();
+        assert!(bind_private(&other).is_err());
+        assert_eq!(std::fs::read(&other).unwrap(), b"keep");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
