@@ -338,11 +338,7 @@ fn send_state(
 #[test]
 fn corrupt_truncated_and_wrong_version_state_is_refused() {
     use vmm::state::format::{encode, StateV2, FORMAT_VERSION};
-    let zone =
-        guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
-    let layout = guest_mem::MemoryLayout::place(vec![zone]).unwrap();
-    let ram: Vec<(u64, u64)> = layout.regions().iter().map(|r| (r.gpa, r.size)).collect();
-    let attrs = guest_mem::Attributes::new(&ram, guest_mem::PageState::Shared).to_state();
+    let (layout, attrs) = memfd_layout_64m();
     let kvm = kvm_ioctls_vm_state();
     let state = StateV2 { layout, attrs, vcpus: Vec::new(), vm: kvm, devices: Default::default(), captured_ns: 0 };
     let good = encode(FORMAT_VERSION, &state).unwrap();
@@ -386,20 +382,9 @@ fn corrupt_truncated_and_wrong_version_state_is_refused() {
 #[test]
 fn an_older_old_process_hands_over_with_protocol_v1() {
     use vmm::state::format::{encode, StateV2, VcpuEntry, FORMAT_VERSION};
-    let zone =
-        guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
-    let layout = guest_mem::MemoryLayout::place(vec![zone]).unwrap();
-    let ram: Vec<(u64, u64)> = layout.regions().iter().map(|r| (r.gpa, r.size)).collect();
-    let attrs = guest_mem::Attributes::new(&ram, guest_mem::PageState::Shared).to_state();
+    let (layout, attrs) = memfd_layout_64m();
     // One vCPU's state, as a fresh vCPU holds it (the guest would run from reset).
-    let donor = vmm::vm::Vm::new(
-        guest_mem::MemoryLayout::place(vec![guest_mem::ZoneSpec {
-            size: 2 << 20,
-            backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Anon),
-        }])
-        .unwrap(),
-    )
-    .unwrap();
+    let donor = small_vm();
     let vcpu = donor.create_vcpu(0, 1).unwrap();
     let kvm = vmm::state::vcpu::capture(&vcpu, donor.kvm()).unwrap();
     let entry = VcpuEntry { kvm: Some(kvm), ports: Default::default(), tsc_offset: None };
@@ -439,17 +424,27 @@ fn an_older_old_process_hands_over_with_protocol_v1() {
     let _ = child.wait();
 }
 
+/// The layout (one 64 MiB memfd zone) and all-shared page attributes an old process
+/// would send.
+fn memfd_layout_64m() -> (guest_mem::MemoryLayout, guest_mem::attrs::AttrState) {
+    let zone =
+        guest_mem::ZoneSpec { size: 64 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Memfd) };
+    let layout = guest_mem::MemoryLayout::place(vec![zone]).unwrap();
+    let ram: Vec<(u64, u64)> = layout.regions().iter().map(|r| (r.gpa, r.size)).collect();
+    let attrs = guest_mem::Attributes::new(&ram, guest_mem::PageState::Shared).to_state();
+    (layout, attrs)
+}
+
+/// A freshly made VM (2 MiB anon) with an irqchip.
+fn small_vm() -> vmm::vm::Vm {
+    let zone =
+        guest_mem::ZoneSpec { size: 2 << 20, backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Anon) };
+    vmm::vm::Vm::new(guest_mem::MemoryLayout::place(vec![zone]).unwrap()).unwrap()
+}
+
 /// VM state of a freshly made VM with an irqchip (what an empty old VM would send).
 fn kvm_ioctls_vm_state() -> vmm::state::VmState {
-    let vm = vmm::vm::Vm::new(
-        guest_mem::MemoryLayout::place(vec![guest_mem::ZoneSpec {
-            size: 2 << 20,
-            backend: guest_mem::BackendSpec::new(guest_mem::BackendKind::Anon),
-        }])
-        .unwrap(),
-    )
-    .unwrap();
-    vmm::state::vm::capture(vm.fd()).unwrap()
+    vmm::state::vm::capture(small_vm().fd()).unwrap()
 }
 
 #[test]
