@@ -284,7 +284,8 @@ impl CommitGate {
         self.committed.clone()
     }
 
-    /// Prepared, the state, the restore, and (v1) Ready.
+    /// Prepared, the state, the restore; then (v2) the commit, made by the last vCPU
+    /// thread restored, or (v1) Ready.
     fn restore(&mut self, handoff: &Handoff) -> Result<(), LiveError> {
         handoff.wait_all_waiting(STEP_TIMEOUT).map_err(LiveError::Restore)?;
         let ch = &mut self.channel;
