@@ -90,8 +90,10 @@ pub fn clear_yield_debt() {
     unsafe { libc::nanosleep(&t, std::ptr::null_mut()) };
 }
 
-/// One wait of a thread that polls during a live update's pause and then runs the
-/// guest: mostly [`yield_cpu`], but every [`POLL_DEBT_EVERY`]th time a short sleep
+/// One wait of a thread that polls during a live update's pause and then does the
+/// pause's work or runs the guest (the old process's update thread waiting for the
+/// captures, the new vCPU threads waiting for their entries and for the commit):
+/// mostly [`yield_cpu`], but every [`POLL_DEBT_EVERY`]th time a short sleep
 /// ([`clear_yield_debt`]), so the yields' debt never grows large enough for the
 /// poller to lose its CPU to other tasks when what it waits for has come.
 pub fn poll_wait(polls: &mut u32) {

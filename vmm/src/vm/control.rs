@@ -222,6 +222,7 @@ impl RunControl {
         let rekick_until = Instant::now() + Duration::from_millis(5);
         let Ok(mut n) = self.paused.lock() else { return false };
         let mut kicked: Option<Instant> = None;
+        let mut polls = 0;
         loop {
             let active = self.vcpus.saturating_sub(self.parked.load(Ordering::SeqCst));
             if *n >= active || self.stopping() {
@@ -241,7 +242,7 @@ impl RunControl {
                 // than sleep (each wake-up costs tens of µs on a nested host, and the
                 // first one overlaps the other vCPUs' captures).
                 drop(n);
-                crate::run::yield_cpu();
+                crate::run::poll_wait(&mut polls);
                 n = match self.paused.lock() {
                     Ok(g) => g,
                     Err(_) => return false,
