@@ -390,7 +390,7 @@ impl Backing {
                 Some(OwnedFd::from(open_backing_file(path, size)?))
             }
         };
-        Self::map(spec, size, pieces, fd, progress)
+        Self::map(spec, size, pieces, fd, Populate::FlatOut, progress)
     }
 
     /// Adopts `fd`, the backing of a zone of `size` bytes that another Mosaic process
@@ -409,7 +409,7 @@ impl Backing {
         progress: Option<&(dyn Fn(u64, u64) + Sync)>,
     ) -> Result<Self, BackendError> {
         check_adoptable(spec, size, fd.as_fd())?;
-        Self::map(spec, size, pieces, Some(fd), progress)
+        Self::map(spec, size, pieces, Some(fd), Populate::Paced, progress)
     }
 
     fn map(
@@ -417,6 +417,7 @@ impl Backing {
         size: u64,
         pieces: &[(u64, u64)],
         fd: Option<OwnedFd>,
+        populate: Populate,
         progress: Option<&(dyn Fn(u64, u64) + Sync)>,
     ) -> Result<Self, BackendError> {
         let invalid =
@@ -447,17 +448,20 @@ impl Backing {
         }
         if spec.prefault {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let chunk = (PREFAULT_CHUNK as usize).max(align);
+            let chunk = match populate {
+                Populate::FlatOut => (PREFAULT_CHUNK as usize).max(align),
+                Populate::Paced => (PACED_CHUNK_PAGES * spec.page_size()).max(PACED_CHUNK_MIN) as usize,
+            };
             let mut before = 0u64;
             for m in &mappings {
                 let base = before;
                 let piece_progress = progress.map(|p| move |done: u64, _: u64| p(base + done, size));
                 let pp = piece_progress.as_ref().map(|f| f as &(dyn Fn(u64, u64) + Sync));
-                m.populate_write_parallel(threads, chunk, pp).map_err(|source| BackendError::Prefault {
-                    kind: spec.kind,
-                    size,
-                    source,
-                })?;
+                let populated = match populate {
+                    Populate::FlatOut => m.populate_write_parallel(threads, chunk, pp),
+                    Populate::Paced => m.populate_write_paced(threads, chunk, pp),
+                };
+                populated.map_err(|source| BackendError::Prefault { kind: spec.kind, size, source })?;
                 if spec.kind == BackendKind::Thp {
                     // Rebuild huge pages wherever the fault path gave small ones (shmem
                     // THP off, fragmentation): MADV_COLLAPSE ignores the sysfs THP
@@ -544,6 +548,23 @@ fn check_adoptable(spec: &BackendSpec, size: u64, fd: BorrowedFd<'_>) -> Result<
 
 /// Bytes one prefault thread populates at a time.
 const PREFAULT_CHUNK: u64 = 256 << 20;
+
+/// How a prefault populates a zone's mappings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Populate {
+    /// As fast as the CPUs allow: a new guest that does not run yet.
+    FlatOut,
+    /// In small chunks, each thread resting as long as it worked
+    /// ([`crate::mapping::Mapping::populate_write_paced`]): memory adopted from a
+    /// process whose guest runs meanwhile, so its vCPUs are never held up for more than
+    /// a chunk (~30 µs of page-table work for 4 KiB pages).
+    Paced,
+}
+
+/// A paced chunk: this many pages of the zone's page size ...
+const PACED_CHUNK_PAGES: u64 = 16;
+/// ... and at least this many bytes (64 page-table entries of 4 KiB pages).
+const PACED_CHUNK_MIN: u64 = 256 << 10;
 
 /// `MADV_COLLAPSE` (Linux 6.1), not in every libc crate version.
 pub const MADV_COLLAPSE: i32 = 25;
