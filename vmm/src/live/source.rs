@@ -11,6 +11,7 @@ use super::wire::{Channel, Message};
 use super::{FdLayout, Hello, Job, LiveError, Report, Target};
 use crate::run::monotonic_ns;
 use crate::state::format::{self, StateV2, VcpuEntry, FORMAT_VERSION};
+use crate::vm::handoff::Spread;
 
 /// How long the new process may take to map memory and build its VM (the guest runs
 /// meanwhile): large memfd zones take a while to map in.
@@ -175,6 +176,9 @@ pub fn update(job: &Job) -> Result<Report, LiveError> {
     let t_start = monotonic_ns();
     // This thread encodes and sends the state during the pause.
     super::warm::for_pause(src.ctl.vcpus());
+    // The guest's vCPUs keep a CPU each while the new process prepares (see
+    // Placement); they stop here if the update goes through, and are let go if not.
+    let _spread = Spread::pin(&src.ctl.vcpu_tids());
     let mem = src.vm.memory();
     let zone_fds: Vec<OwnedFd> = (0..mem.layout().zones().len())
         .map(|z| {

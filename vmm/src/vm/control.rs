@@ -1,7 +1,7 @@
 //! How a run ends: the first vCPU (or signal) to decide the outcome records it, raises
 //! the stop flag and wakes the event loop; the rest see the flag and stop.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -144,6 +144,8 @@ pub struct RunControl {
     captures: Mutex<Vec<Option<VcpuCapture>>>,
     /// CLOCK_MONOTONIC (ns) when the first vCPU thread was about to enter KVM_RUN.
     first_run_ns: std::sync::atomic::AtomicU64,
+    /// Each vCPU thread's kernel thread id, 0 until it has started.
+    tids: Vec<AtomicI32>,
 }
 
 /// What a vCPU thread deposits when it pauses for a live update.
@@ -171,6 +173,7 @@ impl RunControl {
             capture_requested: AtomicBool::new(false),
             captures: Mutex::new((0..vcpus).map(|_| None).collect()),
             first_run_ns: std::sync::atomic::AtomicU64::new(0),
+            tids: (0..vcpus).map(|_| AtomicI32::new(0)).collect(),
         })
     }
 
@@ -330,6 +333,19 @@ impl RunControl {
             }
             crate::run::yield_cpu();
         }
+    }
+
+    /// Called by vCPU thread `index` when it starts: records its thread id.
+    pub fn note_thread(&self, index: u32) {
+        if let Some(t) = self.tids.get(index as usize) {
+            // SAFETY: gettid has no preconditions.
+            t.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+        }
+    }
+
+    /// The vCPU threads' ids, in vCPU order (0 for one not started).
+    pub fn vcpu_tids(&self) -> Vec<libc::pid_t> {
+        self.tids.iter().map(|t| t.load(Ordering::SeqCst)).collect()
     }
 
     /// Number of vCPUs.

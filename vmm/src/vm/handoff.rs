@@ -251,16 +251,23 @@ impl Handoff {
     }
 }
 
-/// Keeps a vCPU thread on one CPU of those this process may use (vCPU i on the i-th,
-/// round robin) until its first run, then lets it go where the scheduler likes.
+/// Keeps a vCPU thread on one CPU of those it may use (vCPU i on the i-th, round
+/// robin) for a while, then lets it go where the scheduler likes.
 ///
 /// The threads of a live update's new process wait for the commit polling, each on
 /// its own CPU, so each enters KVM_RUN the moment the commit comes. Left to itself,
 /// the scheduler tends to stack them on one CPU (they were started by one thread and
 /// have just run, so they are "cache hot" and not moved), and the second vCPU then
 /// waits for the first one's time slice to end: up to milliseconds of downtime.
+///
+/// The old process's vCPU threads are held apart the same way while it prepares an
+/// update ([`Placement::pin_thread`]): the new process's prepare threads made the
+/// scheduler move one vCPU onto the other's CPU, where the two then took turns in
+/// whole 4 ms ticks, for as long as 80 ms, right up to the pause.
 #[derive(Debug)]
 pub struct Placement {
+    /// The thread (0: the one that pinned itself).
+    tid: libc::pid_t,
     allowed: Option<libc::cpu_set_t>,
 }
 
@@ -268,36 +275,67 @@ impl Placement {
     /// Pins the calling thread, vCPU `index`, to its CPU. Does nothing where only one
     /// CPU is allowed.
     pub fn pin(index: u32) -> Self {
+        Self::pin_thread(0, index)
+    }
+
+    /// Pins thread `tid` of this process (0: the calling one), vCPU `index`, to its
+    /// CPU. Does nothing where only one CPU is allowed or the thread is gone.
+    pub fn pin_thread(tid: libc::pid_t, index: u32) -> Self {
+        let none = Placement { tid, allowed: None };
         // SAFETY: cpu_set_t is plain data; all zeros is the empty set.
         let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::cpu_set_t>();
         // SAFETY: sched_getaffinity writes at most `size` bytes into `allowed`.
-        if unsafe { libc::sched_getaffinity(0, size, &mut allowed) } != 0 {
-            return Placement { allowed: None };
+        if unsafe { libc::sched_getaffinity(tid, size, &mut allowed) } != 0 {
+            return none;
         }
         // SAFETY: CPU_ISSET only reads the set, for indices below CPU_SETSIZE.
         let cpus: Vec<usize> =
             (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) }).collect();
         if cpus.len() < 2 {
-            return Placement { allowed: None };
+            return none;
         }
         // SAFETY: as above, all zeros is the empty set.
         let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: CPU_SET writes one bit of `one`, for an index below CPU_SETSIZE.
         unsafe { libc::CPU_SET(cpus[index as usize % cpus.len()], &mut one) };
         // SAFETY: sched_setaffinity reads `size` bytes of a valid cpu_set_t.
-        if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
-            return Placement { allowed: None };
+        if unsafe { libc::sched_setaffinity(tid, size, &one) } != 0 {
+            return none;
         }
-        Placement { allowed: Some(allowed) }
+        Placement { tid, allowed: Some(allowed) }
     }
 
-    /// Gives the calling thread back every CPU it was allowed (it stays where it is).
+    /// Gives the thread back every CPU it was allowed (it stays where it is).
     pub fn release(&mut self) {
         if let Some(allowed) = self.allowed.take() {
             // SAFETY: sched_setaffinity reads a valid cpu_set_t of the size given.
-            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &allowed) };
+            unsafe { libc::sched_setaffinity(self.tid, std::mem::size_of::<libc::cpu_set_t>(), &allowed) };
         }
+    }
+}
+
+/// vCPU threads of this process held apart, one per CPU ([`Placement::pin_thread`]),
+/// until dropped.
+#[derive(Debug)]
+pub struct Spread(Vec<Placement>);
+
+impl Spread {
+    /// Pins the threads `tids` (vCPU order; 0 for a thread not started, skipped).
+    pub fn pin(tids: &[libc::pid_t]) -> Self {
+        Spread(
+            tids.iter()
+                .zip(0u32..)
+                .filter(|(&tid, _)| tid > 0)
+                .map(|(&tid, index)| Placement::pin_thread(tid, index))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Spread {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(Placement::release);
     }
 }
 
@@ -357,6 +395,44 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn spread_pins_other_threads_apart_and_lets_them_go_when_dropped() {
+        let all = allowed_cpus();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let done_rx = Arc::new(std::sync::Mutex::new(done_rx));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (tx, done_rx) = (tx.clone(), done_rx.clone());
+                std::thread::spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tx.send(unsafe { libc::gettid() }).unwrap();
+                    let _ = done_rx.lock().unwrap().recv();
+                })
+            })
+            .collect();
+        let tids: Vec<libc::pid_t> = (0..2).map(|_| rx.recv().unwrap()).collect();
+        let cpus_of = |tid: libc::pid_t| {
+            // SAFETY: all zeros is the empty set; sched_getaffinity writes into it.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: as above, for a thread of this process, with the size of the set.
+            assert_eq!(unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }, 0);
+            // SAFETY: CPU_ISSET reads the set, for indices below CPU_SETSIZE.
+            (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect::<Vec<_>>()
+        };
+        {
+            let _spread = Spread::pin(&[tids[0], 0, tids[1]]);
+            if all.len() >= 2 {
+                assert_eq!(cpus_of(tids[0]), vec![all[0]]);
+                assert_eq!(cpus_of(tids[1]), vec![all[2 % all.len()]]);
+            }
+        }
+        assert_eq!(cpus_of(tids[0]), all);
+        assert_eq!(cpus_of(tids[1]), all);
+        drop(done_tx);
+        threads.into_iter().for_each(|t| t.join().unwrap());
     }
 
     #[test]

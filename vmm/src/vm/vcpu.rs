@@ -204,6 +204,7 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
         ctl.finish(Outcome::Error { vcpu: index, message });
         VcpuState::Stopped
     };
+    ctl.note_thread(index);
     let mut first_run = true;
     // Read before the first run (see VcpuFixed); a failure here leaves captures to read
     // it themselves.
