@@ -59,11 +59,13 @@ pub enum RunError {
 /// programs) or boot data (Linux), which stays shared.
 pub const PRIVATE_FROM: u64 = program::layout::IMAGE_START;
 
-/// How much guest RAM a handed-over process unmaps at a time before it exits: 64 page
-/// table entries of 4 KiB pages (2 MiB steps were seen to delay the new process by up
-/// to ~100 µs), one 2 MiB page (128 MiB steps made a 16 GiB guest's gaps longer: the
-/// new process's faults wait for the hugetlb mapping lock the unmap holds).
-const RELEASE_STEP: usize = 256 << 10;
+/// How much guest RAM a handed-over process unmaps at a time before it exits, yielding
+/// the CPU after each step: 2 MiB, ~40 µs of page-table work for 4 KiB pages (once the
+/// old VM has let go of the memory: before, KVM's reverse-map walk made each step take
+/// hundreds of µs, and even 256 KiB steps delayed the new process by up to ~100 µs);
+/// one page of 1 GiB pages (128 MiB steps made a 16 GiB guest's gaps longer: the new
+/// process's faults wait for the hugetlb mapping lock the unmap holds).
+const RELEASE_STEP: usize = 2 << 20;
 
 /// Gives the CPU to another runnable thread, if any: how the threads that poll while a
 /// live update has the guest paused wait without sleeping.
@@ -351,6 +353,11 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
     // time the guest's first milliseconds over there should have.
     let handed_over = ctl.handed_over();
     if handed_over {
+        // The vCPU threads are gone: the old VM lets go of the memory first, so that
+        // the release below does not go through KVM for every step.
+        if let Err(e) = vm.forget_memory() {
+            eprintln!("mosaic: cannot take the memory out of the handed-over VM: {}", crate::error_chain(&e));
+        }
         // Already at low priority (live::source::step_aside): a little at a time, so
         // that the guest's vCPUs in the new process are never kept waiting for long.
         mem.release_pages(RELEASE_STEP, &mut yield_cpu);

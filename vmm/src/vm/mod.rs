@@ -192,4 +192,10 @@ impl Vm {
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.mem
     }
+
+    /// Takes all guest memory out of the VM (see [`memslots::unregister`]): for a
+    /// process whose guest now runs elsewhere. Its vCPUs must never run again.
+    pub fn forget_memory(&self) -> Result<(), VmError> {
+        Ok(memslots::unregister(&self.fd, &self.mem)?)
+    }
 }
