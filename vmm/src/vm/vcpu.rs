@@ -221,6 +221,12 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
         }
         // Restored: wait for the commit on this CPU.
         ctl.poll_while_held(POLL_FOR);
+        if ctl.pause_requested() {
+            // No commit in time: back to the scheduling it had before it waits longer.
+            if let Some(p) = placement.as_mut() {
+                p.release();
+            }
+        }
     }
     loop {
         if ctl.stopping() {
