@@ -126,19 +126,20 @@ impl Handoff {
     /// Hands `entries` (by vCPU index; one per vCPU) to the vCPU threads.
     pub fn post(&self, entries: Vec<VcpuEntry>, captured_ns: u64) {
         crate::live::trace::mark("posted");
-        let tids = self.with(|s| {
+        // With a committer (protocol v2) nothing else of this process needs a CPU
+        // until the guest runs: the waiting threads take theirs now (see `boost`).
+        let committing = self.committer.lock().map(|c| c.is_some()).unwrap_or(false);
+        self.with(|s| {
             s.entries = entries.into_iter().map(Some).collect();
             s.captured_ns = captured_ns;
             s.posted = true;
             s.arriving = true;
-            s.tids.clone()
+            // Under the lock: no thread can see its entry, run and put its own
+            // scheduling back before it is boosted (it would then keep the boost).
+            if committing {
+                s.tids.iter().copied().for_each(boost);
+            }
         });
-        // With a committer (protocol v2) nothing else of this process needs a CPU
-        // until the guest runs: the waiting threads take theirs now (see `boost`).
-        let committing = self.committer.lock().map(|c| c.is_some()).unwrap_or(false);
-        if committing {
-            tids.unwrap_or_default().into_iter().for_each(boost);
-        }
     }
 
     /// No state will come: every waiting vCPU thread ends.
