@@ -545,4 +545,51 @@ mod tests {
         // Nothing reported: no decision.
         assert!(Handoff::new(1).wait_decided(Duration::from_millis(10)).is_none());
     }
+
+    fn policy() -> u32 {
+        sched_attr_of_this_thread().expect("sched_getattr").sched_policy
+    }
+
+    /// Whether this process may make threads real-time (root, CAP_SYS_NICE).
+    fn may_boost() -> bool {
+        std::thread::spawn(|| {
+            // SAFETY: gettid has no preconditions.
+            boost(unsafe { libc::gettid() });
+            policy() == libc::SCHED_FIFO as u32
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn posted_threads_run_real_time_until_they_put_their_scheduling_back() {
+        for committing in [true, false] {
+            let h = Arc::new(Handoff::new(2));
+            if committing {
+                h.set_committer(Box::new(|| Ok(())));
+            }
+            let threads: Vec<_> = (0..2u32)
+                .map(|i| {
+                    let h = h.clone();
+                    std::thread::spawn(move || {
+                        let mut p = Placement::pin(i);
+                        let before = policy();
+                        let Take::Restore(..) = h.take(i) else { panic!("aborted") };
+                        let during = policy();
+                        h.report(i, Ok(()));
+                        p.release();
+                        (before, during, policy())
+                    })
+                })
+                .collect();
+            h.wait_all_waiting(Duration::from_secs(5)).unwrap();
+            h.post(vec![entry(1), entry(2)], 5);
+            let other = libc::SCHED_OTHER as u32;
+            // v2 (a committer) boosts where the kernel lets it; v1 never does.
+            let boosted = if committing && may_boost() { libc::SCHED_FIFO as u32 } else { other };
+            for t in threads {
+                assert_eq!(t.join().unwrap(), (other, boosted, other), "committing {committing}");
+            }
+        }
+    }
 }
