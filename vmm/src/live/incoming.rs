@@ -383,6 +383,24 @@ impl crate::run::StartGate for CommitGate {
         }
     }
 
+    fn predecessor(&self) -> Option<libc::pid_t> {
+        // SAFETY: ucred is plain data; all zeros is valid.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt(SO_PEERCRED) on the channel's socket writes at most
+        // `len` bytes into `cred`.
+        let r = unsafe {
+            libc::getsockopt(
+                self.channel.raw().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        (r == 0 && cred.pid > 0).then_some(cred.pid)
+    }
+
     fn running(&mut self, running_ns: u64) {
         let (received_ns, restored_ns) = self.times;
         let msg = match self.arbiter {

@@ -162,6 +162,10 @@ pub trait StartGate {
     fn wait_open(&mut self, ctl: &RunControl, handoff: &Handoff) -> Result<(), String>;
     /// The first vCPU is about to enter KVM_RUN, at `ns` (CLOCK_MONOTONIC).
     fn running(&mut self, ns: u64);
+    /// The process the guest came from, if known (it exits soon after).
+    fn predecessor(&self) -> Option<libc::pid_t> {
+        None
+    }
 }
 
 /// Builds the VM of `plan` and loads its guest.
@@ -326,6 +330,7 @@ pub fn drive(machine: Machine, mut opts: DriveOptions) -> Result<RunReport, RunE
             Ok(()) => {
                 ctl.resume();
                 gate.running(ctl.wait_first_run(Duration::from_secs(1)));
+                crate::vm::handoff::unpin_when_gone(gate.predecessor(), ctl.vcpu_tids());
                 if let Some((sock, ctx)) = api_after_gate.take() {
                     match crate::api::ApiServer::new(sock, ctx) {
                         Ok(a) => api = Some(a),

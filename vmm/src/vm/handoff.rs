@@ -301,6 +301,8 @@ pub struct Placement {
     /// The scheduling attributes a thread that pinned itself had: [`boost`] may change
     /// them, [`Placement::release`] puts them back.
     sched: Option<libc::sched_attr>,
+    /// Pinned to a CPU no other vCPU thread of this process is pinned to.
+    alone: bool,
 }
 
 impl Placement {
@@ -315,7 +317,7 @@ impl Placement {
     /// Pins thread `tid` of this process (0: the calling one), vCPU `index`, to its
     /// CPU. Does nothing where only one CPU is allowed or the thread is gone.
     pub fn pin_thread(tid: libc::pid_t, index: u32) -> Self {
-        let none = Placement { tid, allowed: None, sched: None };
+        let none = Placement { tid, allowed: None, sched: None, alone: false };
         // SAFETY: cpu_set_t is plain data; all zeros is the empty set.
         let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::cpu_set_t>();
@@ -337,7 +339,23 @@ impl Placement {
         if unsafe { libc::sched_setaffinity(tid, size, &one) } != 0 {
             return none;
         }
-        Placement { tid, allowed: Some(allowed), sched: None }
+        Placement { tid, allowed: Some(allowed), sched: None, alone: (index as usize) < cpus.len() }
+    }
+
+    /// Whether the thread has a CPU to itself: pinned, and no other vCPU thread is
+    /// pinned there.
+    pub fn alone(&self) -> bool {
+        self.alone
+    }
+
+    /// Puts back the scheduling attributes a thread that pinned itself had; it stays
+    /// pinned.
+    pub fn unboost(&mut self) {
+        if let Some(attr) = self.sched.take() {
+            // SAFETY: sched_setattr of the calling thread (the placement is only
+            // made with `sched` for it), reading a sched_attr of the size it states.
+            unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr, 0u32) };
+        }
     }
 
     /// Gives the thread back every CPU it was allowed (it stays where it is) and, for a
@@ -391,6 +409,114 @@ fn boost(tid: libc::pid_t) {
     // the size it states.
     unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &attr, 0u32) };
 }
+
+/// A vCPU thread's real-time boost kept into its first guest run, for [`DEBOOST_AFTER`]:
+/// a one-shot timer then sends the thread `signal` (the kick: KVM_RUN returns EINTR),
+/// and the thread puts its scheduling back at that exit, or an earlier one once
+/// [`Deboost::due`].
+///
+/// Putting it back just before the first KVM_RUN made the thread a normal task again
+/// at the worst moment: with its lag from the polling, the scheduler was traced
+/// giving its CPU to a handed-over process releasing memory (~800 µs) while the guest
+/// was still paused. Kept real-time through the guest's first 2 ms, the vCPU runs at
+/// once, and whatever waits for its CPU runs later, as a separate, short stall.
+/// Only for a thread with a CPU to itself ([`Placement::alone`]): two real-time vCPU
+/// threads on one CPU would have one wait for the other's boost to end.
+#[derive(Debug)]
+pub struct Deboost {
+    at: Instant,
+    timer: libc::timer_t,
+}
+
+/// How long a vCPU thread stays real-time into the guest's run (see [`Deboost`]).
+pub const DEBOOST_AFTER: Duration = Duration::from_millis(2);
+
+impl Deboost {
+    /// Arms the timer for the calling thread; `None` if it cannot be (then put the
+    /// scheduling back at once).
+    pub fn arm(signal: i32) -> Option<Self> {
+        // SAFETY: sigevent is plain data; all zeros is valid.
+        let mut ev: libc::sigevent = unsafe { std::mem::zeroed() };
+        ev.sigev_notify = libc::SIGEV_THREAD_ID;
+        ev.sigev_signo = signal;
+        // SAFETY: gettid has no preconditions.
+        ev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: timer_create reads the sigevent and writes the new timer's id.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut timer) } != 0 {
+            return None;
+        }
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec { tv_sec: 0, tv_nsec: DEBOOST_AFTER.as_nanos() as libc::c_long },
+        };
+        let d = Deboost { at: Instant::now() + DEBOOST_AFTER, timer };
+        // SAFETY: timer_settime on the timer just created, reading a valid itimerspec.
+        if unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return None; // dropped: the timer is deleted
+        }
+        Some(d)
+    }
+
+    /// Whether the boost has run its time.
+    pub fn due(&self) -> bool {
+        Instant::now() >= self.at
+    }
+}
+
+impl Drop for Deboost {
+    fn drop(&mut self) {
+        // SAFETY: deletes the timer this value created, once.
+        unsafe { libc::timer_delete(self.timer) };
+    }
+}
+
+/// After a live update, in the new process: keeps the vCPU threads `tids` on the CPUs
+/// they were pinned to until the old process `old_pid` has exited (at most
+/// [`UNPIN_AFTER`]), then gives them every CPU this process may use, from a thread of
+/// its own. The handed-over process releases its pages and exits at low priority,
+/// often for seconds; while it ran on one CPU, the scheduler was seen stacking both
+/// vCPU threads on the other, where they took turns in whole 4 ms ticks for 30 ms.
+/// Where the old process cannot be watched (no pidfd), they are let go at once.
+pub fn unpin_when_gone(old_pid: Option<libc::pid_t>, tids: Vec<libc::pid_t>) {
+    // SAFETY: cpu_set_t is plain data; all zeros is the empty set.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: sched_getaffinity of the calling thread (never pinned: the receiving
+    // thread) writes at most `size` bytes into `allowed`.
+    if unsafe { libc::sched_getaffinity(0, size, &mut allowed) } != 0 {
+        return;
+    }
+    let unpin = move || {
+        for &tid in tids.iter().filter(|&&t| t > 0) {
+            // SAFETY: sched_setaffinity on a thread of this process, reading a valid
+            // cpu_set_t of the size given; a thread that has ended gives ESRCH.
+            unsafe { libc::sched_setaffinity(tid, size, &allowed) };
+        }
+    };
+    let unpin_now = unpin.clone();
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let pidfd = old_pid.map_or(-1, |pid| unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32);
+    if pidfd < 0 {
+        unpin();
+        return;
+    }
+    // SAFETY: pidfd_open returned this fd and nothing else owns it.
+    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) };
+    let watch = move || {
+        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd; a pidfd becomes readable when the process
+        // exits.
+        unsafe { libc::poll(&mut pfd, 1, UNPIN_AFTER.as_millis() as libc::c_int) };
+        unpin();
+    };
+    if std::thread::Builder::new().name("unpin".into()).spawn(watch).is_err() {
+        unpin_now();
+    }
+}
+
+/// See [`unpin_when_gone`].
+pub const UNPIN_AFTER: Duration = Duration::from_secs(120);
 
 /// vCPU threads of this process held apart, one per CPU ([`Placement::pin_thread`]),
 /// until dropped.
@@ -510,6 +636,47 @@ mod tests {
         assert_eq!(cpus_of(tids[1]), all);
         drop(done_tx);
         threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+
+    #[test]
+    fn pinned_threads_are_let_go_once_the_old_process_has_exited() {
+        let all = allowed_cpus();
+        if all.len() < 2 {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let pinned = std::thread::spawn(move || {
+            let _p = Placement::pin(1);
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let cpus_of = |tid: libc::pid_t| {
+            // SAFETY: all zeros is the empty set; sched_getaffinity writes into it.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: as above, for a thread of this process, with the size of the set.
+            assert_eq!(unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }, 0);
+            // SAFETY: CPU_ISSET reads the set, for indices below CPU_SETSIZE.
+            (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect::<Vec<_>>()
+        };
+        let mut old = std::process::Command::new("sleep").arg("0.3").spawn().unwrap();
+        unpin_when_gone(Some(old.id() as libc::pid_t), vec![tid, 0]);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(cpus_of(tid), vec![all[1]], "let go while the old process lives");
+        old.wait().unwrap();
+        let since = Instant::now();
+        while cpus_of(tid) != all {
+            assert!(since.elapsed() < Duration::from_secs(5), "still pinned after the old process exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Not known: let go at once.
+        let _p = Placement::pin_thread(tid, 0);
+        unpin_when_gone(None, vec![tid]);
+        assert_eq!(cpus_of(tid), all);
+        drop(done_tx);
+        pinned.join().unwrap();
     }
 
     #[test]

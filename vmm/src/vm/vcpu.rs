@@ -18,7 +18,7 @@ use guest_mem::GuestMemory;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::control::{FaultReport, Outcome, RunControl, VcpuCapture};
-use super::handoff::{Handoff, Placement, Take, POLL_FOR};
+use super::handoff::{Deboost, Handoff, Placement, Take, POLL_FOR};
 use crate::devices::paravirt::VcpuPorts;
 use crate::devices::{Devices, IoAction};
 use crate::kvm::stats::StatsFd;
@@ -228,7 +228,15 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
             }
         }
     }
+    let mut deboost: Option<Deboost> = None;
     loop {
+        if deboost.as_ref().is_some_and(Deboost::due) {
+            deboost = None;
+            if let Some(p) = placement.as_mut() {
+                p.unboost();
+                crate::run::clear_yield_debt();
+            }
+        }
         if ctl.stopping() {
             return VcpuState::Stopped;
         }
@@ -245,9 +253,15 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, mut ports: VcpuPorts, shared: &VcpuSh
         if first_run {
             first_run = false;
             if let Some(p) = placement.as_mut() {
-                p.release();
-                // It polled (yielding) for its entry and for the commit.
-                crate::run::clear_yield_debt();
+                // Real-time into the guest's first run where it has a CPU to itself
+                // (see Deboost); else its scheduling back now. Either way it stays on
+                // its CPU until the old process is gone (`handoff::unpin_when_gone`).
+                deboost = p.alone().then(|| Deboost::arm(kick_signal())).flatten();
+                if deboost.is_none() {
+                    p.unboost();
+                    // It polled (yielding) for its entry and for the commit.
+                    crate::run::clear_yield_debt();
+                }
             }
             ctl.note_first_run();
             crate::live::trace::mark_vcpu("first_run", index);
