@@ -680,6 +680,25 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_boost_ends_with_a_kick_to_its_own_thread() {
+        crate::vm::vcpu::install_kick_handler().unwrap();
+        std::thread::spawn(|| {
+            let d = Deboost::arm(crate::vm::vcpu::kick_signal()).expect("timer");
+            assert!(!d.due());
+            let started = Instant::now();
+            let t = libc::timespec { tv_sec: 5, tv_nsec: 0 };
+            // SAFETY: nanosleep reads the timespec we pass; no remainder is asked for.
+            let r = unsafe { libc::nanosleep(&t, std::ptr::null_mut()) };
+            let woke = started.elapsed();
+            assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EINTR)));
+            assert!(woke >= DEBOOST_AFTER && woke < Duration::from_secs(4), "{woke:?}");
+            assert!(d.due());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn abort_releases_waiting_threads_and_a_missing_report_times_out() {
         let h = Arc::new(Handoff::new(1));
         let t = {
