@@ -574,6 +574,16 @@ mod tests {
         threads.into_iter().for_each(|t| t.join().unwrap());
     }
 
+    /// The CPUs thread `tid` of this process may run on.
+    fn cpus_of(tid: libc::pid_t) -> Vec<usize> {
+        // SAFETY: all zeros is the empty set; sched_getaffinity writes into it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, for a thread of this process, with the size of the set.
+        assert_eq!(unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }, 0);
+        // SAFETY: CPU_ISSET reads the set, for indices below CPU_SETSIZE.
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+    }
+
     fn allowed_cpus() -> Vec<usize> {
         // SAFETY: all zeros is the empty set; sched_getaffinity writes into it.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -617,14 +627,6 @@ mod tests {
             })
             .collect();
         let tids: Vec<libc::pid_t> = (0..2).map(|_| rx.recv().unwrap()).collect();
-        let cpus_of = |tid: libc::pid_t| {
-            // SAFETY: all zeros is the empty set; sched_getaffinity writes into it.
-            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            // SAFETY: as above, for a thread of this process, with the size of the set.
-            assert_eq!(unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }, 0);
-            // SAFETY: CPU_ISSET reads the set, for indices below CPU_SETSIZE.
-            (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect::<Vec<_>>()
-        };
         {
             let _spread = Spread::pin(&[tids[0], 0, tids[1]]);
             if all.len() >= 2 {
@@ -653,14 +655,6 @@ mod tests {
             let _ = done_rx.recv();
         });
         let tid = rx.recv().unwrap();
-        let cpus_of = |tid: libc::pid_t| {
-            // SAFETY: all zeros is the empty set; sched_getaffinity writes into it.
-            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            // SAFETY: as above, for a thread of this process, with the size of the set.
-            assert_eq!(unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }, 0);
-            // SAFETY: CPU_ISSET reads the set, for indices below CPU_SETSIZE.
-            (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect::<Vec<_>>()
-        };
         let mut old = std::process::Command::new("sleep").arg("0.3").spawn().unwrap();
         unpin_when_gone(Some(old.id() as libc::pid_t), vec![tid, 0]);
         std::thread::sleep(Duration::from_millis(100));
