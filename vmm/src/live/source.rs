@@ -150,14 +150,9 @@ impl Lowered {
     /// sleeps until the new process's answer, which comes once the guest runs there:
     /// lowered, it wakes without preempting the guest's vCPUs.
     fn this_thread() -> Self {
-        // SAFETY: sched_attr is plain data; all zeros is valid.
-        let mut saved: libc::sched_attr = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::sched_attr>() as u32;
-        // SAFETY: sched_getattr of the calling thread into a sched_attr of the size
-        // we state.
-        let r = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut saved, size, 0u32) };
+        let saved = crate::vm::handoff::sched_attr_of_this_thread();
         set_sched(0, &aside_attr());
-        Lowered((r == 0).then_some(saved))
+        Lowered(saved)
     }
 
     /// Back to what the thread had: the update failed and this process keeps the

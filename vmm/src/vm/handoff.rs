@@ -365,16 +365,12 @@ impl Placement {
             // SAFETY: sched_setaffinity reads a valid cpu_set_t of the size given.
             unsafe { libc::sched_setaffinity(self.tid, std::mem::size_of::<libc::cpu_set_t>(), &allowed) };
         }
-        if let Some(attr) = self.sched.take() {
-            // SAFETY: sched_setattr of the calling thread (the placement is only
-            // made with `sched` for it), reading a sched_attr of the size it states.
-            unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr, 0u32) };
-        }
+        self.unboost();
     }
 }
 
 /// The calling thread's scheduling attributes.
-fn sched_attr_of_this_thread() -> Option<libc::sched_attr> {
+pub(crate) fn sched_attr_of_this_thread() -> Option<libc::sched_attr> {
     // SAFETY: sched_attr is plain data; all zeros is valid.
     let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::sched_attr>() as u32;
@@ -384,8 +380,9 @@ fn sched_attr_of_this_thread() -> Option<libc::sched_attr> {
 }
 
 /// Gives thread `tid` of this process real-time priority (`SCHED_FIFO` 1) until it
-/// puts back what it had ([`Placement::release`], just before its first KVM_RUN):
-/// for the new process's vCPU threads from the moment their states are posted.
+/// puts back what it had ([`Placement::unboost`], once its guest has run for a while:
+/// see [`Deboost`]): for the new process's vCPU threads from the moment their states
+/// are posted.
 ///
 /// They poll, yielding, through the pause, and each `sched_yield` pushes a thread's
 /// EEVDF deadline back; a poller that had yielded to another task (a handed-over
@@ -585,12 +582,7 @@ mod tests {
     }
 
     fn allowed_cpus() -> Vec<usize> {
-        // SAFETY: all zeros is the empty set; sched_getaffinity writes into it.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above, with the size of the set.
-        assert_eq!(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }, 0);
-        // SAFETY: CPU_ISSET reads the set, for indices below CPU_SETSIZE.
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+        cpus_of(0)
     }
 
     #[test]
